@@ -1,0 +1,70 @@
+/**
+ * The contract between the agent and a compute driver.
+ *
+ * Drivers know nothing of Nostr, consumers or payment: they get a fully
+ * validated, agent-generated spec and return where the workload can be reached.
+ */
+
+/** What the agent asks a driver to create. Every string here was generated or validated by the agent. */
+export interface WorkloadSpec {
+  /** Agent-generated id, `[a-z0-9-]{1,40}`; used for the directory, the qemu name and the hostname. */
+  id: string;
+  /** Guest hostname (agent-generated, same charset as `id`). */
+  hostname: string;
+  vcpus: number;
+  memoryMb: number;
+  diskGb: number;
+  /** Plaintext root password. Lives in memory only; drivers must never write it to disk, argv or logs. */
+  rootPassword: string;
+  /** Validated OpenSSH public keys (single line each) to authorise for root. */
+  sshKeys: string[];
+}
+
+/** A running workload as the driver sees it. */
+export interface WorkloadHandle {
+  id: string;
+  /** Host-side process id (qemu's pid for the KVM driver). */
+  pid: number;
+  /** Host port forwarded to the guest's SSH port 22. */
+  sshPort: number;
+  /** Directory that holds everything the workload owns on the host. */
+  dir: string;
+}
+
+export type WorkloadState = 'running' | 'gone';
+
+export interface WorkloadInspection {
+  id: string;
+  state: WorkloadState;
+  pid?: number;
+  sshPort?: number;
+}
+
+export interface ComputeDriver {
+  /** Short name used in config and logs, e.g. `kvm`. */
+  readonly kind: string;
+  /**
+   * Create and start a workload. Resolves once the workload process exists
+   * (for KVM: once qemu's pidfile appears). On any failure every resource taken
+   * so far (port, directory, process) is released before the promise rejects.
+   */
+  create(spec: WorkloadSpec): Promise<WorkloadHandle>;
+  /** Stop the workload and free everything it holds. Idempotent: destroying a missing workload is not an error. */
+  destroy(id: string): Promise<void>;
+  /** Current state of one workload. */
+  inspect(id: string): Promise<WorkloadInspection>;
+  /** Ids of the workloads this driver has on the host (running or half-created). */
+  list(): Promise<string[]>;
+}
+
+/** A driver failure with a stable code the agent can map to a reply. */
+export class DriverError extends Error {
+  constructor(
+    readonly code: 'capacity' | 'launch_failed' | 'timeout' | 'internal',
+    message: string,
+    readonly detail?: string,
+  ) {
+    super(message);
+    this.name = 'DriverError';
+  }
+}
