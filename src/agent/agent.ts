@@ -1,0 +1,252 @@
+/**
+ * The request pipeline: dedupe → parse → authorise → choose tier → driver →
+ * lease → reply. Knows requests, leases and drivers; knows nothing of how
+ * messages travel (Nostr lives behind `Outbox`) or how VMs run (behind
+ * `ComputeDriver`).
+ */
+import { randomBytes } from 'node:crypto';
+import type { ComputeDriver } from '../drivers/types.js';
+import { DriverError } from '../drivers/types.js';
+import { RequestError } from '../protocol/errors.js';
+import { parseRequest, type SpawnRequest, type StatusRequest, type StopRequest } from '../protocol/requests.js';
+import { errorReply, type Reply } from '../protocol/replies.js';
+import type { Logger } from '../util/logger.js';
+import { Semaphore } from '../util/semaphore.js';
+import type { LeaseStore, Lease } from './leases.js';
+import { planInfo, resolveResources, type Plan } from './plans.js';
+import type { SeenStore } from './seen.js';
+import { chooseTier, type TierOffer } from './tiers.js';
+
+/** One decrypted, authenticated message, transport-neutral. */
+export interface Inbound {
+  /** Ids that identify this message for dedupe (outer event id, request id). */
+  dedupeIds: string[];
+  /** Names the request in the reply. */
+  requestId: string;
+  /** Authenticated sender key (hex). */
+  sender: string;
+  /** How it arrived; replies and later notices go back the same way. */
+  channel: string;
+  /** Plaintext; may hold a password. Never logged. */
+  content: string;
+}
+
+export interface Route {
+  to: string;
+  channel: string;
+  /** The request a message answers, if any. */
+  replyTo?: string;
+}
+
+/** Where replies go. The service implements it over Nostr; it owns retries. */
+export interface Outbox {
+  send(route: Route, message: Reply | Record<string, unknown>): Promise<void>;
+}
+
+export interface AgentOptions {
+  publicHost: string;
+  tiers: readonly TierOffer[];
+  drivers: Readonly<Record<string, ComputeDriver>>;
+  plans: readonly Plan[];
+  defaultPlan: string;
+  maxContentBytes: number;
+  maxConcurrentRequests: number;
+  leases: LeaseStore;
+  seen: SeenStore;
+  outbox: Outbox;
+  logger: Logger;
+}
+
+export class Agent {
+  private readonly limiter: Semaphore;
+  private readonly log: Logger;
+  /** Workloads with a stop in progress; a second stop waits for the first. */
+  private readonly stopping = new Map<string, Promise<void>>();
+  private readonly pending = new Set<Promise<void>>();
+  private accepting = true;
+
+  constructor(private readonly opts: AgentOptions) {
+    this.limiter = new Semaphore(opts.maxConcurrentRequests);
+    this.log = opts.logger;
+  }
+
+  /**
+   * Take one message. Returns at once for duplicates; otherwise when the reply
+   * was handed to the outbox. Never throws: every failure becomes an error reply.
+   */
+  handle(msg: Inbound): Promise<void> {
+    if (!this.opts.seen.claim(msg.dedupeIds)) {
+      this.log.debug({ requestId: msg.requestId }, 'duplicate message dropped');
+      return Promise.resolve();
+    }
+    const job = this.limiter.run(() => this.process(msg));
+    this.pending.add(job);
+    void job.finally(() => this.pending.delete(job));
+    return job;
+  }
+
+  /** Stop taking new work and wait for requests in flight. */
+  async drain(): Promise<void> {
+    this.accepting = false;
+    await Promise.allSettled([...this.pending]);
+  }
+
+  private async process(msg: Inbound): Promise<void> {
+    const log = this.log.child({ requestId: msg.requestId });
+    const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
+    let reply: Reply;
+    try {
+      if (!this.accepting) throw new RequestError('shutting_down', 'the provider is restarting; send the request again shortly');
+      const parsed = parseRequest(msg.content, this.opts.maxContentBytes);
+      if (!parsed.ok) throw parsed.error;
+      const req = parsed.request;
+      log.info({ type: req.type, sender: msg.sender, channel: msg.channel }, 'request');
+      switch (req.type) {
+        case 'spawn':
+          reply = await this.spawn(req, msg, log);
+          break;
+        case 'stop':
+          reply = await this.stop(req, msg, log);
+          break;
+        case 'status':
+          reply = await this.status(req, msg);
+          break;
+      }
+    } catch (err) {
+      reply = this.toErrorReply(err, msg.requestId, log);
+    }
+    try {
+      await this.opts.outbox.send(route, reply);
+    } catch (err) {
+      log.error({ err: (err as Error).message }, 'reply could not be sent');
+    }
+  }
+
+  private async spawn(req: SpawnRequest, msg: Inbound, log: Logger): Promise<Reply> {
+    const resources = resolveResources(this.opts.plans, this.opts.defaultPlan, req);
+    const minimum = req.isolation ?? 'shared-kernel';
+    const tier = chooseTier(this.opts.tiers, minimum);
+    if (!tier) {
+      throw new RequestError(
+        'isolation_unavailable',
+        `no offered isolation tier meets ${minimum}; offered: ${this.opts.tiers.map((t) => t.level).join(', ')}`,
+      );
+    }
+    const driver = this.opts.drivers[tier.driver];
+    if (!driver) throw new Error(`tier ${tier.level} names driver ${tier.driver}, which is not running`);
+
+    const workloadId = `w-${randomBytes(6).toString('hex')}`;
+    const wlog = log.child({ workloadId });
+    const started = Date.now();
+    const handle = await driver.create({
+      id: workloadId,
+      hostname: workloadId,
+      vcpus: resources.vcpus,
+      memoryMb: resources.memoryMb,
+      diskGb: resources.diskGb,
+      rootPassword: req.root_password,
+      sshKeys: req.ssh_keys ?? [],
+    });
+    const createdAt = new Date();
+    const lease: Lease = {
+      workloadId,
+      owner: msg.sender,
+      requestId: msg.requestId,
+      channel: msg.channel,
+      isolationLevel: tier.level,
+      driver: tier.driver,
+      planId: resources.plan.id,
+      planName: resources.plan.name,
+      vcpus: resources.vcpus,
+      memoryMb: resources.memoryMb,
+      diskGb: resources.diskGb,
+      sshPort: handle.sshPort,
+      createdAt: createdAt.toISOString(),
+      expiresAt: new Date(createdAt.getTime() + resources.plan.durationSeconds * 1000).toISOString(),
+    };
+    try {
+      this.opts.leases.put(lease);
+    } catch (err) {
+      // Without a lease nobody could ever stop it: give the VM back.
+      await driver.destroy(workloadId).catch(() => undefined);
+      throw err;
+    }
+    wlog.info({ sshPort: handle.sshPort, tier: tier.level, ms: Date.now() - started }, 'workload started');
+    return {
+      type: 'access_details',
+      version: 1,
+      request_id: msg.requestId,
+      workload_id: workloadId,
+      host: this.opts.publicHost,
+      ssh_port: handle.sshPort,
+      ssh_user: 'root',
+      isolation_level: tier.level,
+      expires_at: lease.expiresAt,
+      plan: planInfo(resources),
+    };
+  }
+
+  /** The caller's own lease, or `not_found` — the same answer whether it exists for someone else or not at all. */
+  private ownedLease(workloadId: string, sender: string): Lease {
+    const lease = this.opts.leases.get(workloadId);
+    if (!lease || lease.owner !== sender) throw new RequestError('not_found', `no workload ${workloadId} for this key`);
+    return lease;
+  }
+
+  private async stop(req: StopRequest, msg: Inbound, log: Logger): Promise<Reply> {
+    const lease = this.ownedLease(req.workload_id, msg.sender);
+    await this.destroyLease(lease, log);
+    return { type: 'stopped', version: 1, request_id: msg.requestId, workload_id: lease.workloadId };
+  }
+
+  /** Tear a workload down and drop its lease; concurrent calls share one teardown. */
+  destroyLease(lease: Lease, log: Logger = this.log): Promise<void> {
+    let running = this.stopping.get(lease.workloadId);
+    if (!running) {
+      const driver = this.opts.drivers[lease.driver];
+      running = (async () => {
+        if (driver) await driver.destroy(lease.workloadId);
+        this.opts.leases.delete(lease.workloadId);
+        log.info({ workloadId: lease.workloadId }, 'workload stopped');
+      })().finally(() => this.stopping.delete(lease.workloadId));
+      this.stopping.set(lease.workloadId, running);
+    }
+    return running;
+  }
+
+  private async status(req: StatusRequest, msg: Inbound): Promise<Reply> {
+    const lease = this.ownedLease(req.workload_id, msg.sender);
+    const driver = this.opts.drivers[lease.driver];
+    const seen = driver ? await driver.inspect(lease.workloadId) : { state: 'gone' as const };
+    const secondsLeft = Math.max(0, Math.floor((Date.parse(lease.expiresAt) - Date.now()) / 1000));
+    return {
+      type: 'status',
+      version: 1,
+      request_id: msg.requestId,
+      workload_id: lease.workloadId,
+      state: seen.state,
+      host: this.opts.publicHost,
+      ssh_port: lease.sshPort,
+      isolation_level: lease.isolationLevel,
+      expires_at: lease.expiresAt,
+      seconds_left: secondsLeft,
+      plan: { id: lease.planId, name: lease.planName, vcpus: lease.vcpus, memory_mb: lease.memoryMb, disk_gb: lease.diskGb },
+    };
+  }
+
+  private toErrorReply(err: unknown, requestId: string, log: Logger): Reply {
+    if (err instanceof RequestError) {
+      log.info({ code: err.code }, 'request refused');
+      return errorReply(requestId, err.code, err.message);
+    }
+    if (err instanceof DriverError) {
+      log.warn({ code: err.code, err: err.message, detail: err.detail }, 'driver failed');
+      // The driver's own message may name host paths; the consumer gets a plain one.
+      return err.code === 'capacity'
+        ? errorReply(requestId, 'capacity_exhausted', 'this host has no room for another workload right now')
+        : errorReply(requestId, 'spawn_failed', 'the workload could not be started; nothing was kept');
+    }
+    log.error({ err: err instanceof Error ? err.message : String(err) }, 'unexpected failure');
+    return errorReply(requestId, 'internal_error', 'the provider failed unexpectedly; nothing was kept');
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * Leases: who owns which workload, on what terms, until when. One JSON file
+ * per workload under `<stateDir>/leases/`, written atomically with mode 0600,
+ * so a restarted agent knows every owner. Holds no secrets.
+ */
+import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { ISOLATION_LEVELS } from '../protocol/isolation.js';
+import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
+import { writeFileAtomic } from '../util/atomic-file.js';
+
+export const LeaseSchema = z.object({
+  workloadId: z.string().regex(WORKLOAD_ID_PATTERN),
+  /** Hex pubkey of the key that spawned it: the only key that may stop it or read its status. */
+  owner: z.string().regex(/^[0-9a-f]{64}$/),
+  requestId: z.string(),
+  /** Transport channel the owner used; unprompted notices (expiry) go back on it. */
+  channel: z.string(),
+  isolationLevel: z.enum(ISOLATION_LEVELS),
+  driver: z.string(),
+  planId: z.string(),
+  planName: z.string(),
+  vcpus: z.number().int(),
+  memoryMb: z.number().int(),
+  diskGb: z.number().int(),
+  sshPort: z.number().int(),
+  createdAt: z.string(),
+  expiresAt: z.string(),
+});
+
+export type Lease = z.infer<typeof LeaseSchema>;
+
+export class LeaseStore {
+  private readonly dir: string;
+  private readonly leases = new Map<string, Lease>();
+
+  constructor(stateDir: string) {
+    this.dir = join(stateDir, 'leases');
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+  }
+
+  /** Read every lease file; unreadable ones are returned by name so the caller can report them. */
+  load(): { loaded: number; broken: string[] } {
+    const broken: string[] = [];
+    for (const name of readdirSync(this.dir)) {
+      if (!name.endsWith('.json')) continue;
+      try {
+        const lease = LeaseSchema.parse(JSON.parse(readFileSync(join(this.dir, name), 'utf8')));
+        this.leases.set(lease.workloadId, lease);
+      } catch {
+        broken.push(name);
+      }
+    }
+    return { loaded: this.leases.size, broken };
+  }
+
+  get(id: string): Lease | undefined {
+    return this.leases.get(id);
+  }
+
+  all(): Lease[] {
+    return [...this.leases.values()];
+  }
+
+  countOwnedBy(owner: string): number {
+    let n = 0;
+    for (const l of this.leases.values()) if (l.owner === owner) n++;
+    return n;
+  }
+
+  put(lease: Lease): void {
+    writeFileAtomic(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
+    this.leases.set(lease.workloadId, lease);
+  }
+
+  delete(id: string): void {
+    rmSync(join(this.dir, `${id}.json`), { force: true });
+    this.leases.delete(id);
+  }
+}

@@ -1,0 +1,98 @@
+/**
+ * The provider's configuration file: one zod schema, defaults included.
+ * Errors name the field and what was expected (see `formatConfigError`).
+ */
+import { z } from 'zod';
+import { ISOLATION_LEVELS } from '../protocol/isolation.js';
+
+const relayUrl = z
+  .string()
+  .regex(/^wss?:\/\/[^\s]+$/, 'must be a ws:// or wss:// URL');
+
+const planId = z.string().regex(/^[a-z0-9][a-z0-9-]{0,31}$/, 'must be lowercase letters, digits and dashes');
+
+export const PlanSchema = z.object({
+  id: planId,
+  name: z.string().min(1).max(64),
+  description: z.string().max(500).default(''),
+  vcpus: z.number().int().min(1).max(256),
+  memoryMb: z.number().int().min(64),
+  diskGb: z.number().int().min(1),
+  /** How long a lease of this plan lasts before the VM is stopped and deleted. */
+  durationSeconds: z.number().int().min(1).default(3600),
+});
+
+export const KvmConfigSchema = z.object({
+  qemuBinary: z.string().default('qemu-system-x86_64'),
+  qemuImgBinary: z.string().default('qemu-img'),
+  isoTool: z.string().default('genisoimage'),
+  /** `auto` uses KVM when /dev/kvm opens read-write, else TCG (slow) with a warning. */
+  accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  vmRoot: z.string().default('/var/lib/paygress-agent/vms'),
+  baseImage: z.string().min(1),
+  baseImageFormat: z.enum(['qcow2', 'raw']).default('qcow2'),
+  /** Direct kernel boot, for base images without a bootloader. */
+  kernel: z.string().optional(),
+  initrd: z.string().optional(),
+  append: z.string().optional(),
+  /** Address the forwarded SSH ports listen on. */
+  bindAddress: z.string().default('0.0.0.0'),
+  portRange: z
+    .object({ from: z.number().int().min(1024).max(65535), to: z.number().int().min(1024).max(65535) })
+    .refine((r) => r.from <= r.to, 'from must be <= to')
+    .default({ from: 42000, to: 42999 }),
+  namePrefix: z.string().regex(/^[a-z][a-z0-9-]{0,15}$/).default('paygress-'),
+  pidfileTimeoutMs: z.number().int().min(100).default(15_000),
+  stopTimeoutMs: z.number().int().min(100).default(5_000),
+});
+
+export const ConfigSchema = z
+  .object({
+    provider: z.object({
+      /** File holding the provider's nsec; must be mode 0600. Env: PAYGRESS_KEY_FILE. */
+      keyFile: z.string().min(1),
+      /** Address consumers connect to (public IP or DNS name). Sent in every access-details reply. */
+      publicHost: z.string().min(1),
+      name: z.string().max(64).default('paygress provider'),
+      location: z.string().max(64).default(''),
+    }),
+    relays: z.array(relayUrl).min(1),
+    stateDir: z.string().default('/var/lib/paygress-agent'),
+    logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent']).default('info'),
+    /** Isolation tiers this provider offers and which driver serves each. */
+    tiers: z
+      .array(z.object({ level: z.enum(ISOLATION_LEVELS), driver: z.enum(['kvm']) }))
+      .min(1),
+    plans: z.array(PlanSchema).min(1),
+    defaultPlan: planId,
+    limits: z
+      .object({
+        maxContentBytes: z.number().int().min(256).max(1_048_576).default(65_536),
+        /** Requests handled at the same time; more wait in line. */
+        maxConcurrentRequests: z.number().int().min(1).max(256).default(8),
+      })
+      .default({ maxContentBytes: 65_536, maxConcurrentRequests: 8 }),
+    drivers: z.object({ kvm: KvmConfigSchema.optional() }),
+  })
+  .superRefine((cfg, ctx) => {
+    if (!cfg.plans.some((p) => p.id === cfg.defaultPlan)) {
+      ctx.addIssue({ code: 'custom', path: ['defaultPlan'], message: `must be the id of one of the plans (${cfg.plans.map((p) => p.id).join(', ')})` });
+    }
+    const ids = new Set<string>();
+    cfg.plans.forEach((p, i) => {
+      if (ids.has(p.id)) ctx.addIssue({ code: 'custom', path: ['plans', i, 'id'], message: 'must be unique' });
+      ids.add(p.id);
+    });
+    const levels = new Set<string>();
+    cfg.tiers.forEach((t, i) => {
+      if (levels.has(t.level)) ctx.addIssue({ code: 'custom', path: ['tiers', i, 'level'], message: 'is offered twice' });
+      levels.add(t.level);
+      if (!cfg.drivers[t.driver]) {
+        ctx.addIssue({ code: 'custom', path: ['drivers', t.driver], message: `must be configured: tier ${t.level} uses it` });
+      }
+    });
+  });
+
+export type Config = z.infer<typeof ConfigSchema>;
+export type PlanConfig = z.infer<typeof PlanSchema>;
+export type KvmConfig = z.infer<typeof KvmConfigSchema>;

@@ -1,0 +1,62 @@
+/**
+ * Protocol v1 replies. Every reply names the request it answers (`request_id`).
+ * Pure builders: the agent fills in facts, these fix the wire shape.
+ */
+import type { ErrorCode } from './errors.js';
+import type { IsolationLevel } from './isolation.js';
+
+export interface PlanInfo {
+  id: string;
+  name: string;
+  vcpus: number;
+  memory_mb: number;
+  disk_gb: number;
+}
+
+export interface AccessDetails {
+  type: 'access_details';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+  host: string;
+  ssh_port: number;
+  ssh_user: 'root';
+  isolation_level: IsolationLevel;
+  expires_at: string;
+  plan: PlanInfo;
+}
+
+export interface StoppedReply {
+  type: 'stopped';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+}
+
+export interface StatusReply {
+  type: 'status';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+  state: 'running' | 'gone';
+  host: string;
+  ssh_port: number;
+  isolation_level: IsolationLevel;
+  expires_at: string;
+  seconds_left: number;
+  plan: PlanInfo;
+}
+
+export interface ErrorReply {
+  type: 'error';
+  version: 1;
+  request_id: string;
+  code: ErrorCode;
+  message: string;
+}
+
+export type Reply = AccessDetails | StoppedReply | StatusReply | ErrorReply;
+
+export function errorReply(requestId: string, code: ErrorCode, message: string): ErrorReply {
+  return { type: 'error', version: 1, request_id: requestId, code, message };
+}
