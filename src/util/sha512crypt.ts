@@ -1,0 +1,113 @@
+/**
+ * SHA-512 crypt (`$6$salt$hash`), the glibc algorithm as specified in
+ * Ulrich Drepper's "Unix crypt using SHA-256 and SHA-512". cloud-init's
+ * `chpasswd ... type: hash` takes this format, so the plaintext password never
+ * has to be written anywhere. Pure: no I/O besides the CSPRNG in `randomSalt`.
+ */
+import { randomBytes } from 'node:crypto';
+import { sha512 } from '@noble/hashes/sha2.js';
+
+export const SHA512CRYPT_DEFAULT_ROUNDS = 5000;
+export const SHA512CRYPT_MIN_ROUNDS = 1000;
+export const SHA512CRYPT_MAX_ROUNDS = 999_999_999;
+const SALT_MAX = 16;
+
+/** crypt's base-64 alphabet (not RFC 4648's). */
+const ITOA64 = './0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+
+/** Byte triples of the final digest, in the order the spec encodes them. */
+const ENCODE_ORDER: ReadonlyArray<readonly [number, number, number]> = [
+  [0, 21, 42], [22, 43, 1], [44, 2, 23], [3, 24, 45], [25, 46, 4], [47, 5, 26], [6, 27, 48],
+  [28, 49, 7], [50, 8, 29], [9, 30, 51], [31, 52, 10], [53, 11, 32], [12, 33, 54], [34, 55, 13],
+  [56, 14, 35], [15, 36, 57], [37, 58, 16], [59, 17, 38], [18, 39, 60], [40, 61, 19], [62, 20, 41],
+];
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  const out = new Uint8Array(n);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/** `len` bytes made of `digest` repeated (steps 16 and 20 of the spec). */
+function stretch(digest: Uint8Array, len: number): Uint8Array {
+  const out = new Uint8Array(len);
+  for (let i = 0; i < len; i++) out[i] = digest[i % 64]!;
+  return out;
+}
+
+function b64From24(b2: number, b1: number, b0: number, n: number): string {
+  let w = (b2 << 16) | (b1 << 8) | b0;
+  let s = '';
+  for (let i = 0; i < n; i++) {
+    s += ITOA64[w & 0x3f];
+    w >>>= 6;
+  }
+  return s;
+}
+
+/**
+ * Hash `key` with `salt`. `rounds` undefined → 5000 and no `rounds=` field in
+ * the output (glibc's default form); given → clamped to [1000, 999999999] and
+ * written out. Salts longer than 16 characters are truncated, as glibc does.
+ */
+export function sha512crypt(key: string, salt: string, rounds?: number): string {
+  if (/[$:\n\r\0]/.test(salt)) throw new RangeError('salt may not contain $, :, NUL or newlines');
+  if (rounds !== undefined && !Number.isInteger(rounds)) throw new RangeError('rounds must be an integer');
+  const r = rounds === undefined
+    ? SHA512CRYPT_DEFAULT_ROUNDS
+    : Math.min(SHA512CRYPT_MAX_ROUNDS, Math.max(SHA512CRYPT_MIN_ROUNDS, rounds));
+  const enc = new TextEncoder();
+  const K = enc.encode(key);
+  const S = enc.encode(salt).subarray(0, SALT_MAX);
+  const saltStr = new TextDecoder().decode(S);
+
+  // Digest B = H(key salt key).
+  const B = sha512(concat([K, S, K]));
+  // Digest A = H(key salt B-stretched-to-keylen, then key-length bits picking B or key).
+  const a = sha512.create().update(K).update(S).update(stretch(B, K.length));
+  for (let n = K.length; n > 0; n >>= 1) a.update(n & 1 ? B : K);
+  const A = a.digest();
+  // P: H(key repeated keylen times), stretched to keylen.
+  const dp = sha512.create();
+  for (let i = 0; i < K.length; i++) dp.update(K);
+  const P = stretch(dp.digest(), K.length);
+  // S': H(salt repeated 16 + A[0] times), stretched to saltlen.
+  const ds = sha512.create();
+  for (let i = 0; i < 16 + A[0]!; i++) ds.update(S);
+  const SS = stretch(ds.digest(), S.length);
+
+  let C = A;
+  for (let i = 0; i < r; i++) {
+    const c = sha512.create();
+    c.update(i & 1 ? P : C);
+    if (i % 3) c.update(SS);
+    if (i % 7) c.update(P);
+    c.update(i & 1 ? C : P);
+    C = c.digest();
+  }
+
+  let out = '';
+  for (const [x, y, z] of ENCODE_ORDER) out += b64From24(C[x]!, C[y]!, C[z]!, 4);
+  out += b64From24(0, 0, C[63]!, 2);
+  const roundsField = rounds === undefined ? '' : `rounds=${r}$`;
+  return `$6$${roundsField}${saltStr}$${out}`;
+}
+
+/** A random salt over crypt's alphabet. 256 is a multiple of 64, so `byte & 63` is unbiased. */
+export function randomSalt(length = SALT_MAX): string {
+  const bytes = randomBytes(length);
+  let s = '';
+  for (const b of bytes) s += ITOA64[b & 0x3f];
+  return s;
+}
+
+/** Hash a password for `chpasswd ... type: hash` with a fresh 16-character salt and default rounds. */
+export function hashPassword(password: string, rounds?: number): string {
+  return sha512crypt(password, randomSalt(), rounds);
+}
