@@ -1,0 +1,97 @@
+/**
+ * The composition root: config → key, drivers, stores, relay pool, agent.
+ * Wires the Nostr inbox to the agent and the agent's outbox to Nostr; the
+ * only module that knows both sides.
+ */
+import { Agent } from '../agent/agent.js';
+import { LeaseStore } from '../agent/leases.js';
+import { SeenStore } from '../agent/seen.js';
+import type { Config } from '../config/schema.js';
+import type { ComputeDriver } from '../drivers/types.js';
+import { KvmDriver } from '../drivers/kvm/index.js';
+import { openDm } from '../nostr/dm.js';
+import { pubkeyOf, readKeyFile } from '../nostr/keys.js';
+import { RelayPool } from '../nostr/relays.js';
+import type { NostrEvent } from '../nostr/types.js';
+import type { Logger } from '../util/logger.js';
+import { NostrOutbox } from './nostr-outbox.js';
+
+/** Gift wraps are back-dated up to two days (NIP-59); the window must cover that plus clock slack. */
+export const SINCE_WINDOW_SECONDS = 2 * 24 * 3600 + 3600;
+/** Remember taken ids for longer than anything the subscription can bring back. */
+const SEEN_RETENTION_SECONDS = 2 * SINCE_WINDOW_SECONDS;
+
+export interface RunningService {
+  pubkey: string;
+  agent: Agent;
+  pool: RelayPool;
+  stop(): Promise<void>;
+}
+
+export async function startService(cfg: Config, logger: Logger): Promise<RunningService> {
+  const sk = await readKeyFile(cfg.provider.keyFile);
+  const pubkey = pubkeyOf(sk);
+
+  const drivers: Record<string, ComputeDriver> = {};
+  if (cfg.drivers.kvm) drivers.kvm = new KvmDriver(cfg.drivers.kvm, logger.child({ driver: 'kvm' }));
+
+  const leases = new LeaseStore(cfg.stateDir);
+  const loaded = leases.load();
+  if (loaded.broken.length) logger.warn({ files: loaded.broken }, 'unreadable lease files left in place');
+  const seen = new SeenStore(cfg.stateDir, SEEN_RETENTION_SECONDS);
+
+  const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
+  const outbox = new NostrOutbox({ sk, pool, logger: logger.child({ part: 'outbox' }) });
+  const agent = new Agent({
+    publicHost: cfg.provider.publicHost,
+    tiers: cfg.tiers,
+    drivers,
+    plans: cfg.plans,
+    defaultPlan: cfg.defaultPlan,
+    maxContentBytes: cfg.limits.maxContentBytes,
+    maxConcurrentRequests: cfg.limits.maxConcurrentRequests,
+    leases,
+    seen,
+    outbox,
+    logger,
+  });
+
+  const onEvent = (event: NostrEvent): void => {
+    const opened = openDm(event, sk, pubkey);
+    if (!opened.ok) {
+      // Wraps for other keys are normal traffic on shared relays; not worth a warning.
+      logger.debug({ eventId: event.id, reason: opened.reason }, 'event ignored');
+      return;
+    }
+    const dm = opened.dm;
+    if (dm.createdAt < Math.floor(Date.now() / 1000) - SINCE_WINDOW_SECONDS) {
+      logger.debug({ eventId: dm.eventId }, 'request older than the window ignored');
+      return;
+    }
+    void agent.handle({
+      dedupeIds: dm.eventId === dm.requestId ? [dm.eventId] : [dm.eventId, dm.requestId],
+      requestId: dm.requestId,
+      sender: dm.sender,
+      channel: dm.channel,
+      content: dm.content,
+    });
+  };
+
+  pool.start();
+  const since = Math.floor(Date.now() / 1000) - SINCE_WINDOW_SECONDS;
+  const sub = pool.subscribe([{ kinds: [1059, 4], '#p': [pubkey], since }], onEvent);
+  logger.info({ pubkey, relays: cfg.relays, tiers: cfg.tiers.map((t) => t.level) }, 'agent listening');
+
+  return {
+    pubkey,
+    agent,
+    pool,
+    async stop() {
+      sub.close();
+      await agent.drain();
+      outbox.close();
+      await pool.close();
+      logger.info('agent stopped; workloads keep running');
+    },
+  };
+}

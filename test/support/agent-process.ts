@@ -1,0 +1,149 @@
+/**
+ * Runs the real agent CLI (`paygress-agent run`) as a child process against a
+ * config written for the test, so tests see exactly what systemd would run.
+ */
+import { execa, type ResultPromise } from 'execa';
+import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { generateSecretKey, getPublicKey } from 'nostr-tools';
+import { nsecEncode } from 'nostr-tools/nip19';
+
+const AGENT_CLI = new URL('../../src/cli/agent.ts', import.meta.url).pathname;
+
+export interface GuestPaths {
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  baseImage: string;
+}
+
+export interface AgentProcessOptions {
+  relays: string[];
+  guest: GuestPaths;
+  portRange: { from: number; to: number };
+  /** Reuse a state folder (and key) to restart "the same" agent. */
+  root?: string;
+  sk?: Uint8Array;
+  /** Deep-merged over the generated config. */
+  overrides?: Record<string, unknown>;
+}
+
+export interface AgentProcess {
+  pubkey: string;
+  sk: Uint8Array;
+  root: string;
+  vmRoot: string;
+  stateDir: string;
+  configPath: string;
+  proc: ResultPromise;
+  /** Everything the agent wrote to stdout/stderr so far. */
+  output(): string;
+  /** Resolves when a log line matching `re` appears. */
+  waitForLog(re: RegExp, timeoutMs?: number): Promise<string>;
+  /** SIGTERM and wait for exit. */
+  stop(): Promise<void>;
+  /** SIGKILL (a crash). */
+  kill(): Promise<void>;
+}
+
+function merge(base: Record<string, any>, over: Record<string, any>): Record<string, any> {
+  for (const [k, v] of Object.entries(over)) {
+    base[k] = v && typeof v === 'object' && !Array.isArray(v) && typeof base[k] === 'object' ? merge(base[k], v) : v;
+  }
+  return base;
+}
+
+export async function startAgentProcess(opts: AgentProcessOptions): Promise<AgentProcess> {
+  const root = opts.root ?? mkdtempSync(join(tmpdir(), 'pga-agent-'));
+  const sk = opts.sk ?? generateSecretKey();
+  const keyFile = join(root, 'provider.nsec');
+  writeFileSync(keyFile, `${nsecEncode(sk)}\n`, { mode: 0o600 });
+  const stateDir = join(root, 'state');
+  const vmRoot = join(root, 'vms');
+  mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+  const config = merge(
+    {
+      provider: { keyFile, publicHost: '127.0.0.1', name: 'test provider' },
+      relays: opts.relays,
+      stateDir,
+      logLevel: 'debug',
+      tiers: [{ level: 'dedicated-host', driver: 'kvm' }],
+      plans: [
+        { id: 'tiny', name: 'Tiny', description: 'test plan', vcpus: 1, memoryMb: 256, diskGb: 2, durationSeconds: 3600 },
+        { id: 'cloud', name: 'Cloud', description: 'cloud-init guest', vcpus: 2, memoryMb: 1024, diskGb: 4, durationSeconds: 3600 },
+      ],
+      defaultPlan: 'tiny',
+      drivers: {
+        kvm: {
+          accel: 'tcg',
+          vmRoot,
+          baseImage: opts.guest.baseImage,
+          ...(opts.guest.kernel ? { kernel: opts.guest.kernel } : {}),
+          ...(opts.guest.initrd ? { initrd: opts.guest.initrd } : {}),
+          ...(opts.guest.append ? { append: opts.guest.append } : {}),
+          bindAddress: '127.0.0.1',
+          portRange: opts.portRange,
+          pidfileTimeoutMs: 20_000,
+          stopTimeoutMs: 5_000,
+        },
+      },
+    },
+    opts.overrides ?? {},
+  );
+  const configPath = join(root, 'provider.json');
+  writeFileSync(configPath, JSON.stringify(config, null, 2));
+
+  let out = '';
+  const waiters = new Set<() => void>();
+  const proc = execa('node', ['--import', 'tsx', AGENT_CLI, 'run', '--config', configPath], {
+    reject: false,
+    stdin: 'ignore',
+    all: true,
+    env: { LOG_LEVEL: 'debug' },
+  });
+  proc.all?.on('data', (chunk: Buffer) => {
+    out += chunk.toString();
+    for (const w of waiters) w();
+  });
+
+  const waitForLog = (re: RegExp, timeoutMs = 20_000) =>
+    new Promise<string>((resolve, reject) => {
+      const check = () => {
+        const m = out.split('\n').find((l) => re.test(l));
+        if (m) {
+          waiters.delete(check);
+          clearTimeout(timer);
+          resolve(m);
+        }
+      };
+      const timer = setTimeout(() => {
+        waiters.delete(check);
+        reject(new Error(`agent log never matched ${re} within ${timeoutMs} ms; output:\n${out.slice(-4000)}`));
+      }, timeoutMs);
+      waiters.add(check);
+      check();
+    });
+
+  const agent: AgentProcess = {
+    pubkey: getPublicKey(sk),
+    sk,
+    root,
+    vmRoot,
+    stateDir,
+    configPath,
+    proc,
+    output: () => out,
+    waitForLog,
+    async stop() {
+      proc.kill('SIGTERM');
+      await proc;
+    },
+    async kill() {
+      proc.kill('SIGKILL');
+      await proc;
+    },
+  };
+  await waitForLog(/agent listening/);
+  return agent;
+}
