@@ -1,0 +1,94 @@
+/**
+ * Pure qemu argv builder. Knows nothing of processes or files: given resolved
+ * settings it returns the exact argument vector. Every value interpolated into
+ * a comma-separated qemu option string goes through `qemuOptionValue`.
+ *
+ * No secret ever reaches this function: the root password travels only inside
+ * the seed ISO, as a hash.
+ */
+import path from 'node:path';
+import { qemuOptionValue as opt, qemuPlainValue as plain } from './qemu-option.js';
+
+/**
+ * The seccomp policy that works together with `-daemonize` on qemu 7.2
+ * (verified here): `elevateprivileges=deny` (and `=children`) and `spawn=deny`
+ * make the daemonizing qemu die with SIGSYS / exit 1 because the filter is
+ * installed before qemu forks and calls setsid, so those two stay allowed.
+ */
+export const QEMU_SANDBOX = 'on,obsolete=deny,resourcecontrol=deny';
+
+export interface QemuArgs {
+  accel: 'kvm' | 'tcg';
+  /** Full VM name (`namePrefix + id`); shows up in /proc/<pid>/cmdline for the pid-reuse guard. */
+  name: string;
+  uuid: string;
+  /** Workload directory; serial log, pidfile, overlay and seed live here. */
+  dir: string;
+  vcpus: number;
+  memoryMb: number;
+  bindAddress: string;
+  sshPort: number;
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  /** Add `-sandbox` (seccomp). Default true. */
+  sandbox?: boolean;
+}
+
+/** Files the driver and the argv agree on, relative to the workload dir. */
+export const VM_FILES = {
+  disk: 'disk.qcow2',
+  seed: 'seed.iso',
+  pidfile: 'qemu.pid',
+  serialLog: 'serial.log',
+  meta: 'vm.json',
+} as const;
+
+export function vmFile(dir: string, file: keyof typeof VM_FILES): string {
+  return path.join(dir, VM_FILES[file]);
+}
+
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function positiveInt(value: number, what: string): string {
+  if (!Number.isInteger(value) || value <= 0) throw new RangeError(`${what} must be a positive integer`);
+  return String(value);
+}
+
+export function buildQemuArgv(a: QemuArgs): string[] {
+  if (!UUID_RE.test(a.uuid)) throw new RangeError('uuid must be a canonical UUID');
+  if (!path.isAbsolute(a.dir)) throw new RangeError('dir must be absolute');
+  if (!Number.isInteger(a.sshPort) || a.sshPort < 1 || a.sshPort > 65535) throw new RangeError('sshPort out of range');
+  const name = opt(a.name);
+  const argv: string[] = [
+    // No per-user or default config may add devices behind our back.
+    '-nodefaults',
+    '-no-user-config',
+    '-name', `${name},process=${name}`,
+    '-uuid', a.uuid,
+    '-accel', a.accel,
+    // -cpu host fails under tcg; -cpu max gives tcg every feature it emulates.
+    '-cpu', a.accel === 'kvm' ? 'host' : 'max',
+    '-m', positiveInt(a.memoryMb, 'memoryMb'),
+    '-smp', positiveInt(a.vcpus, 'vcpus'),
+    // Never -nographic: qemu 7.2 refuses it together with -daemonize.
+    '-display', 'none',
+    // -serial file: takes its path literally; -chardev parses commas, so the
+    // path goes through the same escaper as every other option value.
+    '-chardev', `file,id=serial0,path=${opt(vmFile(a.dir, 'serialLog'))}`,
+    '-serial', 'chardev:serial0',
+    '-drive', `file=${opt(vmFile(a.dir, 'disk'))},if=virtio,format=qcow2,cache=writeback`,
+    '-drive', `file=${opt(vmFile(a.dir, 'seed'))},if=virtio,format=raw,readonly=on`,
+    '-netdev', `user,id=net0,hostfwd=tcp:${opt(a.bindAddress)}:${a.sshPort}-:22`,
+    '-device', 'virtio-net-pci,netdev=net0',
+  ];
+  if (a.kernel !== undefined) {
+    argv.push('-kernel', plain(a.kernel));
+    if (a.initrd !== undefined) argv.push('-initrd', plain(a.initrd));
+    if (a.append !== undefined) argv.push('-append', plain(a.append));
+  }
+  if (a.sandbox ?? true) argv.push('-sandbox', QEMU_SANDBOX);
+  // The daemonizing parent exits once the VM is set up; the pidfile exists by then.
+  argv.push('-daemonize', '-pidfile', plain(vmFile(a.dir, 'pidfile')));
+  return argv;
+}

@@ -1,0 +1,93 @@
+/**
+ * Pure NoCloud seed content builder. The cloud-config is built as a plain JS
+ * object and serialised with the `yaml` package, so no input (hostname, key,
+ * hash) can ever add or change keys: the serializer quotes whatever it needs.
+ * Only the SHA-512 crypt hash of the root password goes in; the plaintext
+ * never reaches this module.
+ */
+import { stringify } from 'yaml';
+
+export interface CloudConfigInput {
+  hostname: string;
+  /** `$6$...` SHA-512 crypt hash of the root password. */
+  passwordHash: string;
+  /** OpenSSH public keys for root (one line each). */
+  sshKeys: string[];
+  /** Printed by cloud-init in its final message on the serial console, so the agent can see it finish. */
+  finalMessageToken: string;
+  /** NoCloud instance-id; must be unique per workload so cloud-init runs its first-boot modules. */
+  instanceId: string;
+}
+
+export interface SeedFiles {
+  userData: string;
+  metaData: string;
+}
+
+/**
+ * sshd keeps the FIRST value it reads for a keyword and Debian's sshd_config
+ * includes sshd_config.d/*.conf at its top, in lexical order. A name sorting
+ * early beats drop-ins images ship (Ubuntu's `60-cloudimg-settings.conf` says
+ * `PasswordAuthentication no`), hence `10-`, not `60-`.
+ */
+export const SSHD_DROPIN_PATH = '/etc/ssh/sshd_config.d/10-paygress-root.conf';
+export const SSHD_DROPIN_CONTENT = 'PermitRootLogin yes\nPasswordAuthentication yes\n';
+
+/** The marker line prefix the agent looks for in serial.log. */
+export const FINAL_MESSAGE_PREFIX = 'paygress-cloud-init-done';
+
+const TOKEN_RE = /^[A-Za-z0-9_-]{8,128}$/;
+const HASH_RE = /^\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$/;
+
+/** The line cloud-init will print on the console when done, for a given token. */
+export function finalMessageFor(token: string): string {
+  return `${FINAL_MESSAGE_PREFIX} ${token}`;
+}
+
+/** The cloud-config as an object; exported so tests can compare the YAML round trip against it. */
+export function cloudConfigObject(input: CloudConfigInput): Record<string, unknown> {
+  // These two are ours, not the consumer's: a wrong shape is a programming error.
+  if (!HASH_RE.test(input.passwordHash)) throw new RangeError('passwordHash must be a SHA-512 crypt hash');
+  // final_message goes through cloud-init's `$var` templating: keep the token inert.
+  if (!TOKEN_RE.test(input.finalMessageToken)) throw new RangeError('finalMessageToken must match [A-Za-z0-9_-]{8,128}');
+  const root: Record<string, unknown> = { name: 'root', lock_passwd: false };
+  if (input.sshKeys.length > 0) root.ssh_authorized_keys = [...input.sshKeys];
+  return {
+    hostname: input.hostname,
+    preserve_hostname: false,
+    // A users list without `default`: no image default user (e.g. `debian`)
+    // is created, so no second sudo-capable account exists. For an existing
+    // user cloud-init 22.4's create_user skips useradd but still installs
+    // `ssh_authorized_keys` and honours lock_passwd; top-level
+    // `ssh_authorized_keys` would go to the default user as well.
+    users: [root],
+    disable_root: false,
+    ssh_pwauth: true,
+    // expire: false, else the first login fails with "Password change required but no TTY".
+    chpasswd: { expire: false, users: [{ name: 'root', password: input.passwordHash, type: 'hash' }] },
+    // Stock Debian sshd says PermitRootLogin prohibit-password; write_files
+    // runs in cloud-init's init stage, before sshd starts.
+    write_files: [
+      { path: SSHD_DROPIN_PATH, owner: 'root:root', permissions: '0644', content: SSHD_DROPIN_CONTENT },
+    ],
+    // RSA host key generation costs ~10 s under TCG.
+    ssh_genkeytypes: ['ed25519', 'ecdsa'],
+    final_message: `${finalMessageFor(input.finalMessageToken)} cloud-init $version finished at $timestamp, up $uptime s`,
+  };
+}
+
+export function metaDataObject(input: CloudConfigInput): Record<string, unknown> {
+  return { 'instance-id': input.instanceId, 'local-hostname': input.hostname };
+}
+
+// cloud-init reads YAML 1.1 (PyYAML), where bare `yes`/`no`/`on`/`off` are
+// booleans and `0644` is octal: serialise as 1.1 so such strings get quoted.
+// lineWidth 0: never fold long lines (ssh keys).
+export const SEED_YAML_OPTIONS = { version: '1.1', lineWidth: 0 } as const;
+
+export function buildCloudConfig(input: CloudConfigInput): SeedFiles {
+  return {
+    userData: `#cloud-config\n${stringify(cloudConfigObject(input), SEED_YAML_OPTIONS)}`,
+    metaData: stringify(metaDataObject(input), SEED_YAML_OPTIONS),
+  };
+}

@@ -1,0 +1,47 @@
+/**
+ * Configuration of the KVM/qemu driver. Plain TypeScript: the agent's zod
+ * config schema produces exactly this shape (and owns the defaults).
+ */
+export interface KvmDriverConfig {
+  /** qemu system emulator, e.g. `qemu-system-x86_64`. */
+  qemuBinary: string;
+  /** e.g. `qemu-img`. */
+  qemuImgBinary: string;
+  /** ISO 9660 builder for the NoCloud seed, e.g. `genisoimage`. */
+  isoTool: string;
+  /** `auto` = kvm when /dev/kvm opens read-write, else tcg (with a warning). */
+  accel: 'auto' | 'kvm' | 'tcg';
+  /** One directory per workload is made under here. */
+  vmRoot: string;
+  /** Absolute path of the read-only base image every overlay backs onto. */
+  baseImage: string;
+  baseImageFormat: 'qcow2' | 'raw';
+  /** Optional direct kernel boot. */
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  /** Host address the SSH hostfwd listens on, e.g. `0.0.0.0` or `127.0.0.1`. */
+  bindAddress: string;
+  /** Inclusive range of host ports handed out for SSH forwarding. */
+  portRange: { from: number; to: number };
+  /** qemu `-name` is `${namePrefix}${id}`. */
+  namePrefix: string;
+  /** How long to wait for qemu's pidfile after launch. */
+  pidfileTimeoutMs: number;
+  /** SIGTERM → wait this long → SIGKILL. */
+  stopTimeoutMs: number;
+}
+
+/** Defaults the agent's config schema can reuse; vmRoot and baseImage have none. */
+export const KVM_DRIVER_DEFAULTS = {
+  qemuBinary: 'qemu-system-x86_64',
+  qemuImgBinary: 'qemu-img',
+  isoTool: 'genisoimage',
+  accel: 'auto',
+  baseImageFormat: 'qcow2',
+  bindAddress: '0.0.0.0',
+  portRange: { from: 30000, to: 30999 },
+  namePrefix: 'paygress-',
+  pidfileTimeoutMs: 15_000,
+  stopTimeoutMs: 10_000,
+} as const satisfies Partial<KvmDriverConfig>;
