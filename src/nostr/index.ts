@@ -1,0 +1,4 @@
+export * from './keys.js';
+export * from './dm.js';
+export * from './relays.js';
+export type * from './types.js';
