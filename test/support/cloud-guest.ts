@@ -1,0 +1,81 @@
+/**
+ * The "cloud" test guest: Debian bookworm with real cloud-init 22.4 and
+ * openssh-server, booted with -kernel/-initrd (see scripts/build-cloud-guest.sh
+ * and docs/guest-images.md). Built once into the user cache, outside the repo.
+ */
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { execa } from 'execa';
+
+export interface CloudGuest {
+  /** Folder holding the outputs. */
+  dir: string;
+  /** Kernel for qemu -kernel. */
+  kernel: string;
+  /** Initrd for qemu -initrd (Debian builds virtio_blk as a module: required). */
+  initrd: string;
+  /** Compressed qcow2 root filesystem; use it as a read-only backing file of a per-VM overlay. */
+  baseImage: string;
+  /** Kernel command line for qemu -append (the contents of `appendFile`). */
+  append: string;
+  /** The file the build script writes the kernel command line to. */
+  appendFile: string;
+}
+
+/** What the build script writes into `append`; used until the file exists. */
+export const DEFAULT_CLOUD_GUEST_APPEND = 'root=LABEL=rootfs rw console=ttyS0';
+
+const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const CLOUD_GUEST_BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build-cloud-guest.sh');
+
+/** Where the guest lives; the same rule as the build script (PAYGRESS_CACHE_DIR or ~/.cache/paygress-agent). */
+export function cloudGuestPaths(env: NodeJS.ProcessEnv = process.env): CloudGuest {
+  const cache = env.PAYGRESS_CACHE_DIR || join(env.HOME || homedir(), '.cache', 'paygress-agent');
+  const dir = join(cache, 'guests', 'cloud');
+  const appendFile = join(dir, 'append');
+  const append = existsSync(appendFile) ? readFileSync(appendFile, 'utf8').trim() : DEFAULT_CLOUD_GUEST_APPEND;
+  return {
+    dir,
+    kernel: join(dir, 'vmlinuz'),
+    initrd: join(dir, 'initrd.img'),
+    baseImage: join(dir, 'base.qcow2'),
+    append,
+    appendFile,
+  };
+}
+
+function nonEmptyFile(path: string): boolean {
+  try {
+    return statSync(path).size > 0;
+  } catch {
+    return false;
+  }
+}
+
+/** True when every output the build script makes is present. */
+export function cloudGuestBuilt(paths: CloudGuest = cloudGuestPaths()): boolean {
+  return [paths.kernel, paths.initrd, paths.baseImage, paths.appendFile].every(nonEmptyFile);
+}
+
+/**
+ * The guest's paths, building it first if any output is missing. A build runs
+ * mmdebstrap against the Debian mirror (about 100 s here, needs root); its
+ * progress goes to our stderr so a slow first run is visibly not a hang.
+ */
+export async function ensureCloudGuest(): Promise<CloudGuest> {
+  const before = cloudGuestPaths();
+  if (cloudGuestBuilt(before)) return before;
+  await execa('bash', [CLOUD_GUEST_BUILD_SCRIPT], {
+    stdin: 'ignore',
+    stdout: 'ignore',
+    stderr: 'inherit',
+    timeout: 20 * 60_000,
+  });
+  const after = cloudGuestPaths();
+  if (!cloudGuestBuilt(after)) {
+    throw new Error(`${CLOUD_GUEST_BUILD_SCRIPT} finished but outputs are missing in ${after.dir}`);
+  }
+  return after;
+}
