@@ -1,0 +1,339 @@
+/**
+ * KVM/qemu lifecycle: overlay → seed → qemu -daemonize → pidfile → identity
+ * check. One directory per workload under vmRoot holds everything it owns;
+ * every resource a create takes is released if a later step fails.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import { chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { execa } from 'execa';
+import type { Logger } from '../../util/logger.js';
+import { hashPassword } from '../../util/sha512crypt.js';
+import {
+  DriverError,
+  type ComputeDriver,
+  type WorkloadHandle,
+  type WorkloadInspection,
+  type WorkloadSpec,
+} from '../types.js';
+import { resolveAccel } from './accel.js';
+import { buildQemuArgv, vmFile } from './argv.js';
+import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
+import type { KvmDriverConfig } from './config.js';
+import { PortAllocator } from './ports.js';
+import { findVmPids, isAlive, isVmProcess, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { writeSeedIso } from './seed.js';
+
+/** What vm.json holds: enough to find and stop the workload later. No secrets. */
+export interface VmMeta {
+  id: string;
+  name: string;
+  uuid: string;
+  sshPort: number;
+  createdAt: string;
+  /** Appears in cloud-init's final message on the serial console. Not a secret. */
+  readyToken: string;
+}
+
+const ID_RE = /^[a-z0-9-]{1,40}$/;
+const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
+const PORT_TRIES = 5;
+
+function tail(text: string | undefined, max = 2000): string {
+  const t = (text ?? '').trim();
+  return t.length > max ? t.slice(-max) : t;
+}
+
+export class KvmDriver implements ComputeDriver {
+  readonly kind = 'kvm';
+  private readonly ports: PortAllocator;
+  private accel: Promise<'kvm' | 'tcg'> | undefined;
+  /** Serialises create/destroy per id so a destroy never races a half-done create. */
+  private readonly locks = new Map<string, Promise<unknown>>();
+
+  constructor(
+    private readonly config: KvmDriverConfig,
+    private readonly logger: Logger,
+  ) {
+    if (!path.isAbsolute(config.vmRoot)) throw new RangeError('vmRoot must be an absolute path');
+    if (!path.isAbsolute(config.baseImage)) throw new RangeError('baseImage must be an absolute path');
+    this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
+  }
+
+  vmName(id: string): string {
+    return `${this.config.namePrefix}${id}`;
+  }
+
+  workloadDir(id: string): string {
+    assertId(id);
+    return path.join(this.config.vmRoot, id);
+  }
+
+  private resolvedAccel(): Promise<'kvm' | 'tcg'> {
+    this.accel ??= resolveAccel(this.config.accel, this.logger);
+    return this.accel;
+  }
+
+  private withLock<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(id) ?? Promise.resolve();
+    const run = prev.then(fn, fn);
+    const settled = run.then(() => undefined, () => undefined);
+    this.locks.set(id, settled);
+    void settled.then(() => {
+      if (this.locks.get(id) === settled) this.locks.delete(id);
+    });
+    return run;
+  }
+
+  create(spec: WorkloadSpec): Promise<WorkloadHandle> {
+    try {
+      assertId(spec.id);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.withLock(spec.id, () => this.createLocked(spec));
+  }
+
+  private async createLocked(spec: WorkloadSpec): Promise<WorkloadHandle> {
+    const { config, logger } = this;
+    const id = spec.id;
+    const name = this.vmName(id);
+    const dir = this.workloadDir(id);
+    const log = logger.child({ workload: id });
+    const t0 = Date.now();
+    let dirCreated = false;
+    let port: number | undefined;
+    let pid: number | undefined;
+
+    try {
+      await mkdir(config.vmRoot, { recursive: true, mode: 0o700 });
+      try {
+        await mkdir(dir, { mode: 0o700 });
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+          throw new DriverError('internal', `workload directory already exists: ${id}`);
+        }
+        throw err;
+      }
+      dirCreated = true;
+      // mkdir's mode is filtered by the umask; make it exactly 0700.
+      await chmod(dir, 0o700);
+
+      let t = Date.now();
+      await this.createOverlay(dir, spec.diskGb);
+      log.info({ phase: 'overlay', ms: Date.now() - t }, 'disk overlay created');
+
+      t = Date.now();
+      const uuid = randomUUID();
+      const readyToken = randomBytes(12).toString('base64url');
+      // The plaintext password lives only in `spec`; from here on only its hash exists.
+      const files = buildCloudConfig({
+        hostname: spec.hostname,
+        passwordHash: hashPassword(spec.rootPassword),
+        sshKeys: spec.sshKeys,
+        finalMessageToken: readyToken,
+        instanceId: `${id}-${uuid}`,
+      });
+      try {
+        await writeSeedIso({ dir, isoTool: config.isoTool, files, output: vmFile(dir, 'seed') });
+      } catch (err) {
+        throw new DriverError('internal', 'seed ISO creation failed', tail(errText(err)));
+      }
+      log.info({ phase: 'seed', ms: Date.now() - t }, 'seed ISO written');
+
+      const accel = await this.resolvedAccel();
+      const tried = new Set<number>();
+      for (let attempt = 1; ; attempt++) {
+        port = await this.ports.allocate(tried);
+        if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
+        tried.add(port);
+        const meta: VmMeta = { id, name, uuid, sshPort: port, createdAt: new Date().toISOString(), readyToken };
+        await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+
+        const argv = buildQemuArgv({
+          accel,
+          name,
+          uuid,
+          dir,
+          vcpus: spec.vcpus,
+          memoryMb: spec.memoryMb,
+          bindAddress: config.bindAddress,
+          sshPort: port,
+          kernel: config.kernel,
+          initrd: config.initrd,
+          append: config.append,
+        });
+        t = Date.now();
+        const res = await execa(config.qemuBinary, argv, {
+          stdin: 'ignore',
+          stdout: 'ignore',
+          stderr: 'pipe',
+          reject: false,
+          // The daemonizing parent returns once the VM is set up; bound it anyway.
+          timeout: config.pidfileTimeoutMs,
+        });
+        log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
+        if (res.exitCode === 0) break;
+
+        // The parent failed, but a child may exist (e.g. the launcher timed out): find it by name.
+        await this.killByName(name, dir);
+        const stderr = tail(res.stderr as string | undefined);
+        if (stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
+          log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
+          this.ports.release(port);
+          port = undefined;
+          continue;
+        }
+        if (res.timedOut) throw new DriverError('timeout', 'qemu did not daemonize in time', stderr);
+        if (res.failed && res.exitCode === undefined) {
+          throw new DriverError('launch_failed', `qemu could not be started: ${res.shortMessage ?? 'unknown error'}`, stderr);
+        }
+        throw new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
+      }
+
+      t = Date.now();
+      pid = await waitForPidfile(vmFile(dir, 'pidfile'), config.pidfileTimeoutMs);
+      if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
+      if (!(await isVmProcess(pid, name))) {
+        throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
+      }
+      log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: port, totalMs: Date.now() - t0 }, 'workload started');
+      return { id, pid, sshPort: port, dir };
+    } catch (err) {
+      // Release everything taken so far, in reverse order, then reject.
+      if (dirCreated) {
+        try {
+          await this.killByName(name, dir, pid);
+        } catch (killErr) {
+          log.error({ err: killErr }, 'could not stop qemu while cleaning up a failed create');
+        }
+        await rm(dir, { recursive: true, force: true }).catch((rmErr: unknown) =>
+          log.error({ err: rmErr }, 'could not remove workload directory after a failed create'));
+      }
+      if (port !== undefined) this.ports.release(port);
+      const derr = err instanceof DriverError ? err : new DriverError('internal', errText(err));
+      log.warn({ code: derr.code, detail: derr.detail, ms: Date.now() - t0 }, `create failed: ${derr.message}`);
+      throw derr;
+    }
+  }
+
+  private async createOverlay(dir: string, diskGb: number): Promise<void> {
+    if (!Number.isInteger(diskGb) || diskGb <= 0) throw new DriverError('internal', 'diskGb must be a positive integer');
+    // Absolute paths: qemu-img resolves a relative backing path against the overlay's folder.
+    const res = await execa(
+      this.config.qemuImgBinary,
+      ['create', '-q', '-f', 'qcow2', '-b', path.resolve(this.config.baseImage), '-F', this.config.baseImageFormat,
+        vmFile(dir, 'disk'), `${diskGb}G`],
+      { stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', reject: false },
+    );
+    if (res.exitCode !== 0) {
+      throw new DriverError('internal', 'disk overlay creation failed', tail((res.stderr as string | undefined) ?? res.shortMessage));
+    }
+  }
+
+  /** Stop whatever qemu runs for this VM: the pidfile's pid (if it is ours) and any other process naming it. */
+  private async killByName(name: string, dir: string, knownPid?: number): Promise<void> {
+    const pids = new Set<number>();
+    if (knownPid !== undefined) pids.add(knownPid);
+    const fromFile = await readPidfile(vmFile(dir, 'pidfile'));
+    if (fromFile !== undefined) pids.add(fromFile);
+    for (const p of await findVmPids(name)) pids.add(p);
+    for (const p of pids) await stopVmProcess(p, name, this.config.stopTimeoutMs);
+  }
+
+  destroy(id: string): Promise<void> {
+    try {
+      assertId(id);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.withLock(id, () => this.destroyLocked(id));
+  }
+
+  private async destroyLocked(id: string): Promise<void> {
+    const dir = this.workloadDir(id);
+    const name = this.vmName(id);
+    const log = this.logger.child({ workload: id });
+    const t0 = Date.now();
+    const meta = await this.readMeta(id);
+    const existed = await stat(dir).then(() => true, () => false);
+    try {
+      // Also when the directory is gone: a qemu may outlive a half-finished cleanup.
+      await this.killByName(name, dir);
+    } catch (err) {
+      throw new DriverError('internal', `could not stop ${name}`, errText(err));
+    }
+    await rm(dir, { recursive: true, force: true });
+    if (meta) this.ports.release(meta.sshPort);
+    if (existed) log.info({ phase: 'destroy', ms: Date.now() - t0 }, 'workload destroyed');
+    else log.debug('destroy: no such workload, nothing to do');
+  }
+
+  async inspect(id: string): Promise<WorkloadInspection> {
+    assertId(id);
+    const meta = await this.readMeta(id);
+    const name = this.vmName(id);
+    const pid = await readPidfile(vmFile(this.workloadDir(id), 'pidfile'));
+    const running = pid !== undefined && (await isAlive(pid)) && (await isVmProcess(pid, name));
+    if (running) return { id, state: 'running', pid, sshPort: meta?.sshPort };
+    return meta ? { id, state: 'gone', sshPort: meta.sshPort } : { id, state: 'gone' };
+  }
+
+  async list(): Promise<string[]> {
+    let entries: string[];
+    try {
+      entries = await readdir(this.config.vmRoot);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    const ids: string[] = [];
+    for (const e of entries) {
+      if (!ID_RE.test(e)) continue;
+      const s = await stat(path.join(this.config.vmRoot, e)).catch(() => undefined);
+      if (s?.isDirectory()) ids.push(e);
+    }
+    return ids.sort();
+  }
+
+  /** vm.json of a workload, or undefined when missing or unreadable. */
+  async readMeta(id: string): Promise<VmMeta | undefined> {
+    try {
+      const m = JSON.parse(await readFile(vmFile(this.workloadDir(id), 'meta'), 'utf8')) as VmMeta;
+      return typeof m.sshPort === 'number' && typeof m.name === 'string' ? m : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /**
+   * Whether cloud-init has printed this workload's final message on the serial
+   * console: the point where the root password is set and sshd configured.
+   * An SSH banner alone comes ~10 s earlier.
+   */
+  async cloudInitFinished(id: string): Promise<boolean> {
+    const meta = await this.readMeta(id);
+    if (!meta) return false;
+    try {
+      const log = await readFile(vmFile(this.workloadDir(id), 'serialLog'), 'utf8');
+      return log.includes(finalMessageFor(meta.readyToken));
+    } catch {
+      return false;
+    }
+  }
+}
+
+function assertId(id: string): void {
+  // The id becomes a path component and part of qemu's -name: keep it boring.
+  if (!ID_RE.test(id)) throw new DriverError('internal', 'invalid workload id');
+}
+
+function errText(err: unknown): string {
+  if (err && typeof err === 'object') {
+    const e = err as { stderr?: unknown; shortMessage?: unknown; message?: unknown };
+    if (typeof e.stderr === 'string' && e.stderr.trim()) return e.stderr;
+    if (typeof e.shortMessage === 'string') return e.shortMessage;
+    if (typeof e.message === 'string') return e.message;
+  }
+  return String(err);
+}

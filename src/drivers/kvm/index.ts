@@ -1,0 +1,19 @@
+export { KvmDriver, type VmMeta } from './driver.js';
+export { KVM_DRIVER_DEFAULTS, type KvmDriverConfig } from './config.js';
+export { buildQemuArgv, QEMU_SANDBOX, VM_FILES, vmFile, type QemuArgs } from './argv.js';
+export {
+  buildCloudConfig,
+  cloudConfigObject,
+  metaDataObject,
+  finalMessageFor,
+  FINAL_MESSAGE_PREFIX,
+  SEED_YAML_OPTIONS,
+  SSHD_DROPIN_PATH,
+  type CloudConfigInput,
+  type SeedFiles,
+} from './cloud-config.js';
+export { qemuOptionValue, qemuPlainValue, QemuOptionError } from './qemu-option.js';
+export { resolveAccel, kvmUsable } from './accel.js';
+export { PortAllocator, canBind } from './ports.js';
+export { argvHasVmName, isVmProcess, isAlive, findVmPids, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+export { writeSeedIso } from './seed.js';

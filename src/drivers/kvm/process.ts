@@ -1,0 +1,150 @@
+/**
+ * Host process plumbing for qemu: pidfiles, identity checks through
+ * /proc/<pid>/cmdline (the guard against signalling a recycled pid), and
+ * TERM → KILL escalation. Linux only, by design.
+ */
+import { watch, type FSWatcher } from 'node:fs';
+import { readdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { qemuOptionValue } from './qemu-option.js';
+
+const POLL_MS = 50;
+
+export async function readPidfile(file: string): Promise<number | undefined> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const m = /^\s*(\d+)\s*$/.exec(text);
+  if (!m) return undefined;
+  const pid = Number(m[1]);
+  return Number.isSafeInteger(pid) && pid > 1 ? pid : undefined;
+}
+
+/** argv of a live process, or undefined when it is gone (or a zombie: zombies have an empty cmdline). */
+export async function processArgv(pid: number): Promise<string[] | undefined> {
+  try {
+    const raw = await readFile(`/proc/${pid}/cmdline`, 'utf8');
+    if (raw.length === 0) return undefined;
+    return raw.replace(/\0$/, '').split('\0');
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether `argv` is the qemu we launched as `name`: its `-name` argument is
+ * the (escaped) name, alone or followed by `,options`. A prefix match on the
+ * raw cmdline would confuse `paygress-vm1` with `paygress-vm10`.
+ */
+export function argvHasVmName(argv: readonly string[], name: string): boolean {
+  const escaped = qemuOptionValue(name);
+  for (let i = 0; i < argv.length - 1; i++) {
+    if (argv[i] !== '-name') continue;
+    const v = argv[i + 1]!;
+    if (v === escaped || v.startsWith(`${escaped},`) || v === `guest=${escaped}` || v.startsWith(`guest=${escaped},`)) return true;
+  }
+  return false;
+}
+
+export async function isVmProcess(pid: number, name: string): Promise<boolean> {
+  const argv = await processArgv(pid);
+  return argv !== undefined && argvHasVmName(argv, name);
+}
+
+/** Alive = exists and is not a zombie (a daemonized qemu's zombie may linger if nobody reaps it). */
+export async function isAlive(pid: number): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/** Every live process whose argv names this VM; finds a qemu whose pidfile is missing. */
+export async function findVmPids(name: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (pid === process.pid) continue;
+    if (await isVmProcess(pid, name)) pids.push(pid);
+  }
+  return pids;
+}
+
+/**
+ * Resolve once `file` holds a pid, or undefined after `timeoutMs`. fs.watch on
+ * the directory wakes us as soon as qemu writes the file; a slow poll covers
+ * the cases inotify misses (e.g. the write landing before the watch starts).
+ */
+export async function waitForPidfile(file: string, timeoutMs: number): Promise<number | undefined> {
+  const first = await readPidfile(file);
+  if (first !== undefined) return first;
+  const deadline = Date.now() + timeoutMs;
+  let watcher: FSWatcher | undefined;
+  let wake: (() => void) | undefined;
+  try {
+    try {
+      watcher = watch(path.dirname(file), () => wake?.());
+      watcher.on('error', () => undefined);
+    } catch {
+      watcher = undefined;
+    }
+    for (;;) {
+      const pid = await readPidfile(file);
+      if (pid !== undefined) return pid;
+      const left = deadline - Date.now();
+      if (left <= 0) return undefined;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, Math.min(left, 250));
+        wake = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      wake = undefined;
+    }
+  } finally {
+    watcher?.close();
+  }
+}
+
+export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (!(await isAlive(pid))) return true;
+    if (Date.now() >= deadline) return false;
+    await sleep(POLL_MS);
+  }
+}
+
+function signal(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
+}
+
+export type StopOutcome = 'not-running' | 'terminated' | 'killed';
+
+/**
+ * Stop the qemu named `name` running as `pid`: SIGTERM, wait `stopTimeoutMs`,
+ * SIGKILL. Signals only while /proc/<pid>/cmdline still names this VM, so a
+ * recycled pid is never hit. Throws if the process survives SIGKILL.
+ */
+export async function stopVmProcess(pid: number, name: string, stopTimeoutMs: number): Promise<StopOutcome> {
+  if (!(await isVmProcess(pid, name))) return 'not-running';
+  signal(pid, 'SIGTERM');
+  if (await waitForExit(pid, stopTimeoutMs)) return 'terminated';
+  if (!(await isVmProcess(pid, name))) return 'terminated';
+  signal(pid, 'SIGKILL');
+  if (await waitForExit(pid, 5_000)) return 'killed';
+  throw new Error(`process ${pid} (${name}) survived SIGKILL`);
+}

@@ -1,0 +1,71 @@
+/**
+ * The tiny test guest: a Debian cloud kernel plus a busybox initramfs that
+ * answers on port 22 with `SSH-2.0-paygress-tiny` (see
+ * scripts/build-tiny-guest.sh). Boots in seconds under TCG; it proves "qemu
+ * booted a guest and hostfwd reaches it", not SSH login. Built once into the
+ * user cache, outside the repo.
+ */
+import { statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { execa } from 'execa';
+
+export interface TinyGuest {
+  dir: string;
+  kernel: string;
+  initrd: string;
+  /** Empty 1G qcow2: something for per-VM overlays to back onto. */
+  baseImage: string;
+  /** Kernel command line: the guest prints its marker and nothing else much on ttyS0. */
+  append: string;
+}
+
+/** What the guest's /init prints on the serial console once its network and fake sshd are up. */
+export const TINY_GUEST_MARKER = 'paygress-tiny-guest: up';
+/** The first line the fake sshd sends. */
+export const TINY_GUEST_BANNER = 'SSH-2.0-paygress-tiny';
+export const TINY_GUEST_APPEND = 'console=ttyS0 quiet';
+
+const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const TINY_GUEST_BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build-tiny-guest.sh');
+
+/** Where the guest lives; the same rule as the build script (PAYGRESS_CACHE_DIR or ~/.cache/paygress-agent). */
+export function tinyGuestPaths(env: NodeJS.ProcessEnv = process.env): TinyGuest {
+  const cache = env.PAYGRESS_CACHE_DIR || join(env.HOME || homedir(), '.cache', 'paygress-agent');
+  const dir = join(cache, 'guests', 'tiny');
+  return {
+    dir,
+    kernel: join(dir, 'vmlinuz'),
+    initrd: join(dir, 'initrd.img'),
+    baseImage: join(dir, 'base.qcow2'),
+    append: TINY_GUEST_APPEND,
+  };
+}
+
+function nonEmptyFile(path: string): boolean {
+  try {
+    return statSync(path).size > 0;
+  } catch {
+    return false;
+  }
+}
+
+export function tinyGuestBuilt(paths: TinyGuest = tinyGuestPaths()): boolean {
+  return [paths.kernel, paths.initrd, paths.baseImage].every(nonEmptyFile);
+}
+
+/** The guest's paths, building it first (apt-get download + cpio, a few seconds) if any output is missing. */
+export async function ensureTinyGuest(): Promise<TinyGuest> {
+  const before = tinyGuestPaths();
+  if (tinyGuestBuilt(before)) return before;
+  await execa('bash', [TINY_GUEST_BUILD_SCRIPT], {
+    stdin: 'ignore',
+    stdout: 'ignore',
+    stderr: 'inherit',
+    timeout: 10 * 60_000,
+  });
+  const after = tinyGuestPaths();
+  if (!tinyGuestBuilt(after)) throw new Error(`${TINY_GUEST_BUILD_SCRIPT} finished but outputs are missing in ${after.dir}`);
+  return after;
+}
