@@ -83,7 +83,9 @@ class SeenIds {
 
 interface Sub {
   id: string;
+  /** Filters as last sent; recomputed from `makeFilters` on every REQ. */
   filters: Filter[];
+  makeFilters: () => Filter[];
   onEvent: (ev: NostrEvent, relayUrl: string) => void;
   onEose?: (relayUrl: string) => void;
   seen: SeenIds;
@@ -203,15 +205,23 @@ export class RelayPool {
   }
 
   /**
-   * Subscribe with fixed filters, replayed unchanged on every (re)connect, so a
-   * fixed `since` keeps covering events sent while a relay was away. Each event
-   * id reaches onEvent once per subscription, across relays and reconnects.
+   * Subscribe with filters replayed on every (re)connect, so a `since` keeps
+   * covering events sent while a relay was away. Pass a function to have the
+   * filters recomputed at each (re)connect (e.g. a `since` window relative to
+   * now for a service that runs for weeks). Each event id reaches onEvent once
+   * per subscription, across relays and reconnects.
    */
-  subscribe(filters: Filter[], onEvent: (ev: NostrEvent, relayUrl: string) => void, opts: SubscribeOptions = {}): Subscription {
+  subscribe(
+    filters: Filter[] | (() => Filter[]),
+    onEvent: (ev: NostrEvent, relayUrl: string) => void,
+    opts: SubscribeOptions = {},
+  ): Subscription {
     const id = `pg-${++this.subCounter}-${Math.random().toString(36).slice(2, 8)}`;
+    const makeFilters = typeof filters === 'function' ? filters : () => structuredClone(filters);
     const sub: Sub = {
       id,
-      filters: structuredClone(filters),
+      filters: makeFilters(),
+      makeFilters,
       onEvent,
       seen: new SeenIds(this.dedupeMax, this.dedupeTtl),
       ...(opts.onEose ? { onEose: opts.onEose } : {}),
@@ -394,6 +404,7 @@ export class RelayPool {
   }
 
   private sendReq(c: Conn, sub: Sub): void {
+    sub.filters = sub.makeFilters();
     this.send(c, ['REQ', sub.id, ...sub.filters]);
   }
 

@@ -78,8 +78,12 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   };
 
   pool.start();
-  const since = Math.floor(Date.now() / 1000) - SINCE_WINDOW_SECONDS;
-  const sub = pool.subscribe([{ kinds: [1059, 4], '#p': [pubkey], since }], onEvent);
+  // The window is recomputed at every (re)connect: always the last two days
+  // plus slack, never "newest seen" (gift-wrap timestamps are random).
+  const sub = pool.subscribe(
+    () => [{ kinds: [1059, 4], '#p': [pubkey], since: Math.floor(Date.now() / 1000) - SINCE_WINDOW_SECONDS }],
+    onEvent,
+  );
   logger.info({ pubkey, relays: cfg.relays, tiers: cfg.tiers.map((t) => t.level) }, 'agent listening');
 
   return {
