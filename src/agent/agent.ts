@@ -9,11 +9,12 @@ import type { ComputeDriver } from '../drivers/types.js';
 import { DriverError } from '../drivers/types.js';
 import { RequestError } from '../protocol/errors.js';
 import { parseRequest, type SpawnRequest, type StatusRequest, type StopRequest } from '../protocol/requests.js';
-import { errorReply, type Reply } from '../protocol/replies.js';
+import { errorReply, type AccessDetails, type PlanInfo, type Reply } from '../protocol/replies.js';
 import type { Logger } from '../util/logger.js';
 import { Semaphore } from '../util/semaphore.js';
+import type { InflightJournal } from './inflight.js';
 import type { LeaseStore, Lease } from './leases.js';
-import { planInfo, resolveResources, type Plan } from './plans.js';
+import { resolveResources, type Plan } from './plans.js';
 import type { SeenStore } from './seen.js';
 import { chooseTier, type TierOffer } from './tiers.js';
 
@@ -53,6 +54,7 @@ export interface AgentOptions {
   maxConcurrentRequests: number;
   leases: LeaseStore;
   seen: SeenStore;
+  inflight: InflightJournal;
   outbox: Outbox;
   logger: Logger;
 }
@@ -75,11 +77,17 @@ export class Agent {
    * was handed to the outbox. Never throws: every failure becomes an error reply.
    */
   handle(msg: Inbound): Promise<void> {
-    if (!this.opts.seen.claim(msg.dedupeIds)) {
+    if (msg.dedupeIds.some((id) => this.opts.seen.has(id))) {
       this.log.debug({ requestId: msg.requestId }, 'duplicate message dropped');
       return Promise.resolve();
     }
-    const job = this.limiter.run(() => this.process(msg));
+    const job = this.limiter.run(async () => {
+      // Claimed only when work starts: a message still queued when the agent
+      // stops stays unclaimed and is read again from the relays after restart.
+      if (!this.accepting) return;
+      if (!this.opts.seen.claim(msg.dedupeIds)) return; // the same request from another relay got here first
+      await this.process(msg);
+    });
     this.pending.add(job);
     void job.finally(() => this.pending.delete(job));
     return job;
@@ -96,7 +104,6 @@ export class Agent {
     const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
     let reply: Reply;
     try {
-      if (!this.accepting) throw new RequestError('shutting_down', 'the provider is restarting; send the request again shortly');
       const parsed = parseRequest(msg.content, this.opts.maxContentBytes);
       if (!parsed.ok) throw parsed.error;
       const req = parsed.request;
@@ -120,6 +127,7 @@ export class Agent {
     } catch (err) {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
+    this.opts.inflight.end(msg.requestId);
   }
 
   private async spawn(req: SpawnRequest, msg: Inbound, log: Logger): Promise<Reply> {
@@ -138,6 +146,14 @@ export class Agent {
     const workloadId = `w-${randomBytes(6).toString('hex')}`;
     const wlog = log.child({ workloadId });
     const started = Date.now();
+    this.opts.inflight.begin({
+      requestId: msg.requestId,
+      sender: msg.sender,
+      channel: msg.channel,
+      workloadId,
+      driver: tier.driver,
+      startedAt: new Date(started).toISOString(),
+    });
     const handle = await driver.create({
       id: workloadId,
       hostname: workloadId,
@@ -172,18 +188,28 @@ export class Agent {
       throw err;
     }
     wlog.info({ sshPort: handle.sshPort, tier: tier.level, ms: Date.now() - started }, 'workload started');
+    return this.accessDetails(lease);
+  }
+
+  /** The access-details reply for a lease (also re-sent after a restart interrupted the first one). */
+  accessDetails(lease: Lease): AccessDetails {
     return {
       type: 'access_details',
       version: 1,
-      request_id: msg.requestId,
-      workload_id: workloadId,
+      request_id: lease.requestId,
+      workload_id: lease.workloadId,
       host: this.opts.publicHost,
-      ssh_port: handle.sshPort,
+      ssh_port: lease.sshPort,
       ssh_user: 'root',
-      isolation_level: tier.level,
+      isolation_level: lease.isolationLevel,
       expires_at: lease.expiresAt,
-      plan: planInfo(resources),
+      plan: leasePlan(lease),
     };
+  }
+
+  /** True while a stop of this workload is under way. */
+  isStopping(workloadId: string): boolean {
+    return this.stopping.has(workloadId);
   }
 
   /** The caller's own lease, or `not_found` — the same answer whether it exists for someone else or not at all. */
@@ -218,7 +244,6 @@ export class Agent {
     const lease = this.ownedLease(req.workload_id, msg.sender);
     const driver = this.opts.drivers[lease.driver];
     const seen = driver ? await driver.inspect(lease.workloadId) : { state: 'gone' as const };
-    const secondsLeft = Math.max(0, Math.floor((Date.parse(lease.expiresAt) - Date.now()) / 1000));
     return {
       type: 'status',
       version: 1,
@@ -229,8 +254,8 @@ export class Agent {
       ssh_port: lease.sshPort,
       isolation_level: lease.isolationLevel,
       expires_at: lease.expiresAt,
-      seconds_left: secondsLeft,
-      plan: { id: lease.planId, name: lease.planName, vcpus: lease.vcpus, memory_mb: lease.memoryMb, disk_gb: lease.diskGb },
+      seconds_left: secondsLeft(lease),
+      plan: leasePlan(lease),
     };
   }
 
@@ -249,4 +274,12 @@ export class Agent {
     log.error({ err: err instanceof Error ? err.message : String(err) }, 'unexpected failure');
     return errorReply(requestId, 'internal_error', 'the provider failed unexpectedly; nothing was kept');
   }
+}
+
+function leasePlan(lease: Lease): PlanInfo {
+  return { id: lease.planId, name: lease.planName, vcpus: lease.vcpus, memory_mb: lease.memoryMb, disk_gb: lease.diskGb };
+}
+
+export function secondsLeft(lease: Lease, now = Date.now()): number {
+  return Math.max(0, Math.floor((Date.parse(lease.expiresAt) - now) / 1000));
 }

@@ -1,5 +1,4 @@
 import { RequestError } from '../protocol/errors.js';
-import type { PlanInfo } from '../protocol/replies.js';
 
 export interface Plan {
   id: string;
@@ -41,8 +40,4 @@ export function resolveResources(
     memoryMb: req.memory_mb ?? plan.memoryMb,
     diskGb: req.disk_gb ?? plan.diskGb,
   };
-}
-
-export function planInfo(r: Resources): PlanInfo {
-  return { id: r.plan.id, name: r.plan.name, vcpus: r.vcpus, memory_mb: r.memoryMb, disk_gb: r.diskGb };
 }

@@ -72,6 +72,14 @@ export const ConfigSchema = z
         maxConcurrentRequests: z.number().int().min(1).max(256).default(8),
       })
       .default({ maxContentBytes: 65_536, maxConcurrentRequests: 8 }),
+    leases: z
+      .object({
+        /** How often leases are checked for expiry and for dead workloads. */
+        checkIntervalMs: z.number().int().min(100).max(60_000).default(2_000),
+        /** The owner gets an `expiring` notice this long before the end. */
+        warnBeforeSeconds: z.number().int().min(0).default(300),
+      })
+      .default({ checkIntervalMs: 2_000, warnBeforeSeconds: 300 }),
     drivers: z.object({ kvm: KvmConfigSchema.optional() }),
   })
   .superRefine((cfg, ctx) => {

@@ -55,7 +55,21 @@ export interface ErrorReply {
   message: string;
 }
 
-export type Reply = AccessDetails | StoppedReply | StatusReply | ErrorReply;
+/**
+ * Messages the provider sends unprompted about a workload. `request_id` is the
+ * spawn request's, so a client still waiting on its spawn sees them too.
+ */
+export interface WorkloadNotice {
+  type: 'expiring' | 'expired' | 'workload_lost';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+  expires_at: string;
+  seconds_left: number;
+  message: string;
+}
+
+export type Reply = AccessDetails | StoppedReply | StatusReply | ErrorReply | WorkloadNotice;
 
 export function errorReply(requestId: string, code: ErrorCode, message: string): ErrorReply {
   return { type: 'error', version: 1, request_id: requestId, code, message };

@@ -4,6 +4,8 @@
  * only module that knows both sides.
  */
 import { Agent } from '../agent/agent.js';
+import { InflightJournal } from '../agent/inflight.js';
+import { Supervisor } from '../agent/supervisor.js';
 import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
 import type { Config } from '../config/schema.js';
@@ -39,6 +41,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const loaded = leases.load();
   if (loaded.broken.length) logger.warn({ files: loaded.broken }, 'unreadable lease files left in place');
   const seen = new SeenStore(cfg.stateDir, SEEN_RETENTION_SECONDS);
+  const inflight = new InflightJournal(cfg.stateDir);
 
   const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
   const outbox = new NostrOutbox({ sk, pool, logger: logger.child({ part: 'outbox' }) });
@@ -52,8 +55,19 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     maxConcurrentRequests: cfg.limits.maxConcurrentRequests,
     leases,
     seen,
+    inflight,
     outbox,
     logger,
+  });
+  const supervisor = new Supervisor({
+    agent,
+    leases,
+    inflight,
+    drivers,
+    outbox,
+    logger,
+    tickMs: cfg.leases.checkIntervalMs,
+    warnBeforeSeconds: cfg.leases.warnBeforeSeconds,
   });
 
   const onEvent = (event: NostrEvent): void => {
@@ -78,6 +92,10 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   };
 
   pool.start();
+  // Settle what an earlier run left before taking new work; its notices queue
+  // in the outbox until a relay is connected.
+  await supervisor.reconcile();
+  supervisor.start();
   // The window is recomputed at every (re)connect: always the last two days
   // plus slack, never "newest seen" (gift-wrap timestamps are random).
   const sub = pool.subscribe(
@@ -93,6 +111,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     async stop() {
       sub.close();
       await agent.drain();
+      await supervisor.stop();
       outbox.close();
       await pool.close();
       logger.info('agent stopped; workloads keep running');

@@ -1,0 +1,52 @@
+/**
+ * The spawn journal: a record written before a spawn touches the host and
+ * removed once its reply is handed to the outbox. If the agent dies in between
+ * (SIGKILL, power loss), the next start finds the record, releases whatever
+ * the half-done spawn took, and still answers the consumer.
+ */
+import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { z } from 'zod';
+import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
+import { writeFileAtomic } from '../util/atomic-file.js';
+
+export const InflightSchema = z.object({
+  requestId: z.string().regex(/^[0-9a-f]{64}$/),
+  sender: z.string().regex(/^[0-9a-f]{64}$/),
+  channel: z.string(),
+  workloadId: z.string().regex(WORKLOAD_ID_PATTERN),
+  driver: z.string(),
+  startedAt: z.string(),
+});
+export type Inflight = z.infer<typeof InflightSchema>;
+
+export class InflightJournal {
+  private readonly dir: string;
+
+  constructor(stateDir: string) {
+    this.dir = join(stateDir, 'inflight');
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+  }
+
+  begin(entry: Inflight): void {
+    writeFileAtomic(join(this.dir, `${entry.requestId}.json`), JSON.stringify(entry));
+  }
+
+  end(requestId: string): void {
+    rmSync(join(this.dir, `${requestId}.json`), { force: true });
+  }
+
+  /** Entries left by a previous run; unreadable files are removed (they hold nothing we could act on). */
+  leftovers(): Inflight[] {
+    const out: Inflight[] = [];
+    for (const name of readdirSync(this.dir)) {
+      const file = join(this.dir, name);
+      try {
+        out.push(InflightSchema.parse(JSON.parse(readFileSync(file, 'utf8'))));
+      } catch {
+        rmSync(file, { force: true });
+      }
+    }
+    return out;
+  }
+}
