@@ -30,15 +30,28 @@ trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 
 # The metapackage names the current ABI's image package; download that one.
-KPKG="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
-  | awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}')"
+resolve_kernel_pkg() {
+  apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+    | awk '/Depends: linux-image-[0-9].*-cloud-amd64/ {print $2; exit}'
+}
+KPKG="$(resolve_kernel_pkg)"
+if [[ -z "$KPKG" && "$(id -u)" == 0 ]]; then
+  # A fresh machine has no package lists yet.
+  apt-get update -qq >/dev/null || true
+  KPKG="$(resolve_kernel_pkg)"
+fi
 if [[ -z "$KPKG" ]]; then
   echo "build-tiny-guest: cannot resolve linux-image-cloud-amd64 (run 'apt-get update' first)" >&2
   exit 1
 fi
 # apt-get download warns when it cannot drop to _apt in a root-owned dir; harmless.
-apt-get download "$KPKG" busybox-static >/dev/null 2>&1 \
-  || { echo "build-tiny-guest: apt-get download $KPKG busybox-static failed" >&2; exit 1; }
+if ! apt-get download "$KPKG" busybox-static >"$WORK/apt.log" 2>&1; then
+  # Lists can be stale (the ABI package was superseded): refresh once and retry.
+  rm -f ./*.deb
+  if [[ "$(id -u)" == 0 ]]; then apt-get update -qq >/dev/null || true; KPKG="$(resolve_kernel_pkg)"; fi
+  apt-get download "$KPKG" busybox-static >"$WORK/apt.log" 2>&1 \
+    || { echo "build-tiny-guest: apt-get download $KPKG busybox-static failed:" >&2; cat "$WORK/apt.log" >&2; exit 1; }
+fi
 
 mkdir -p pkg
 for deb in ./*.deb; do dpkg-deb -x "$deb" pkg; done
