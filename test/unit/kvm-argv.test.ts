@@ -1,6 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { buildQemuArgv, QEMU_SANDBOX, type QemuArgs } from '../../src/drivers/kvm/argv.js';
+import { resolveAccel } from '../../src/drivers/kvm/accel.js';
+import { argvHasVmName } from '../../src/drivers/kvm/process.js';
 import { qemuOptionValue, QemuOptionError } from '../../src/drivers/kvm/qemu-option.js';
+import { silentLogger } from '../../src/util/logger.js';
 
 function args(over: Partial<QemuArgs> = {}): QemuArgs {
   return {
@@ -116,5 +119,27 @@ describe('buildQemuArgv', () => {
     expect(() => buildQemuArgv(args({ memoryMb: 0 }))).toThrow(RangeError);
     expect(() => buildQemuArgv(args({ vcpus: 1.5 }))).toThrow(RangeError);
     expect(() => buildQemuArgv(args({ sshPort: 70000 }))).toThrow(RangeError);
+  });
+});
+
+describe('argvHasVmName (the pid-reuse guard)', () => {
+  const argv = buildQemuArgv(args({ name: 'paygress-vm1' }));
+  it('recognises the argv the builder produced', () => {
+    expect(argvHasVmName(argv, 'paygress-vm1')).toBe(true);
+  });
+  it('does not confuse a name with a longer one or a mere mention elsewhere', () => {
+    expect(argvHasVmName(buildQemuArgv(args({ name: 'paygress-vm10' })), 'paygress-vm1')).toBe(false);
+    expect(argvHasVmName(['sleep', 'paygress-vm1'], 'paygress-vm1')).toBe(false);
+    expect(argvHasVmName(['qemu', '-name'], 'paygress-vm1')).toBe(false);
+  });
+});
+
+describe('resolveAccel', () => {
+  it('keeps an explicit choice and falls back to tcg when the device cannot be opened', async () => {
+    expect(await resolveAccel('tcg', silentLogger, '/dev/null')).toBe('tcg');
+    expect(await resolveAccel('kvm', silentLogger, '/nonexistent/kvm')).toBe('kvm');
+    expect(await resolveAccel('auto', silentLogger, '/nonexistent/kvm')).toBe('tcg');
+    // Any device that opens read-write counts as usable; /dev/null stands in for /dev/kvm.
+    expect(await resolveAccel('auto', silentLogger, '/dev/null')).toBe('kvm');
   });
 });
