@@ -14,7 +14,8 @@
  * Nothing here logs event content: ids, kinds and relay URLs only.
  */
 import WebSocket from 'ws';
-import { matchFilters, verifyEvent, type Filter } from 'nostr-tools';
+import { matchFilters, type Filter } from 'nostr-tools';
+import { verifySignedEvent } from './fast-crypto.js';
 import type { Logger } from '../util/logger.js';
 import type { NostrEvent } from './types.js';
 
@@ -493,7 +494,8 @@ export class RelayPool {
     const now = Date.now();
     if (sub.seen.has(ev.id, now)) return;
     // Verify before remembering the id: a forged copy must not shadow the real event.
-    if (this.verify && !verifyEvent(ev)) {
+    // libsecp256k1 (WASM) where possible; openDm then skips its own check of this object.
+    if (this.verify && !verifySignedEvent(ev)) {
       this.log.debug({ url: c.url, eventId: ev.id, kind: ev.kind }, 'dropping event with a bad signature');
       return;
     }

@@ -1,0 +1,330 @@
+/**
+ * The fast path of DM unwrapping: the same answers as nostr-tools, computed by
+ * native or WASM code instead of pure-JS BigInt arithmetic.
+ *
+ * - Conversation keys (NIP-44) and NIP-04 shared secrets: secp256k1 ECDH from
+ *   Node's OpenSSL (`crypto.createECDH`), HKDF-extract with Node's HMAC. The
+ *   ECDH object for a secret key is kept (its public key costs a scalar
+ *   multiplication to set up), and NIP-44 keys per (secret key, peer) sit in a
+ *   small LRU: a consumer's seals always yield the same key.
+ * - Event signatures: libsecp256k1 compiled to WASM (`nostr-wasm`, a dependency
+ *   of nostr-tools). Only events in canonical shape and of bounded size take
+ *   it; everything else goes to nostr-tools' own `verifyEvent`, so the fast path
+ *   can only ever accelerate, never change, an answer. The WASM heap cannot
+ *   grow (~1 MB), hence the size bound.
+ * - Events checked here are remembered (WeakMap, with a copy of every signed
+ *   field), so a receive path that verified an event in the relay pool does not
+ *   pay for it again in `openDm`; a later mutation of the object voids it.
+ *
+ * Everything falls back to nostr-tools when a fast part is unavailable.
+ * Byte-identity with nostr-tools is tested in test/unit/fast-unwrap.test.ts.
+ */
+import { createDecipheriv, createECDH, createHmac, timingSafeEqual, type ECDH } from 'node:crypto';
+// nostr-tools' own base64 codec (its dependency): strict where Buffer's is lenient.
+import { base64 } from '@scure/base';
+import { verifyEvent as jsVerifyEvent } from 'nostr-tools/pure';
+import * as nip04 from 'nostr-tools/nip04';
+import * as nip44 from 'nostr-tools/nip44';
+import type { NostrEvent } from './types.js';
+
+interface WasmVerifier {
+  /** Throws unless id = sha256(serialised event) and sig is a valid BIP-340 signature of it by pubkey. */
+  verifyEvent(event: object): void;
+}
+
+/**
+ * nostr-wasm is loaded by name at run time: it is nostr-tools' own dependency,
+ * and its type declarations reference DOM types this project does not load.
+ */
+async function loadWasm(): Promise<WasmVerifier | undefined> {
+  if (process.env.PAYGRESS_NO_WASM === '1') return undefined;
+  try {
+    const name = 'nostr-wasm';
+    const mod = (await import(name)) as { initNostrWasm: () => Promise<WasmVerifier> };
+    return await mod.initNostrWasm();
+  } catch {
+    return undefined;
+  }
+}
+
+const wasm: WasmVerifier | undefined = await loadWasm();
+
+/** Which implementation `verifySignedEvent` uses for canonical events; for benchmarks and reports. */
+export const signatureBackend: 'wasm' | 'js' = wasm ? 'wasm' : 'js';
+
+// --- ECDH -------------------------------------------------------------------
+
+const NIP44_SALT = Buffer.from('nip44-v2', 'utf8');
+const HEX64 = /^[0-9a-f]{64}$/;
+const HEX128 = /^[0-9a-f]{128}$/;
+const CONVERSATION_CACHE_MAX = 512;
+
+interface KeyState {
+  /** Copy of the secret key the ECDH object was made from: a caller may overwrite its array. */
+  sk: Buffer;
+  ecdh: ECDH;
+  conversations: Map<string, Uint8Array>;
+}
+
+const keyStates = new WeakMap<Uint8Array, KeyState>();
+
+function keyState(sk: Uint8Array): KeyState {
+  const known = keyStates.get(sk);
+  if (known && known.sk.length === sk.length && timingSafeEqual(known.sk, sk)) return known;
+  // Throws for a secret key outside [1, n-1], as nostr-tools does.
+  const ecdh = createECDH('secp256k1');
+  ecdh.setPrivateKey(sk);
+  const state: KeyState = { sk: Buffer.from(sk), ecdh, conversations: new Map() };
+  keyStates.set(sk, state);
+  return state;
+}
+
+/**
+ * The x coordinate of sk·P, where P is the even-y point with x = `pubkeyHex`
+ * (a Nostr key is x-only; prefix 02 makes it a compressed point).
+ * Throws when the key is not 64 lowercase hex or not on the curve.
+ */
+export function sharedX(sk: Uint8Array, pubkeyHex: string): Buffer {
+  if (!HEX64.test(pubkeyHex)) throw new Error('public key must be 64 lowercase hex characters');
+  return keyState(sk).ecdh.computeSecret(Buffer.from(`02${pubkeyHex}`, 'hex'));
+}
+
+/** NIP-44 v2 conversation key: HKDF-extract(salt = "nip44-v2", ikm = shared x). Equal to `nip44.getConversationKey`. */
+export function fastConversationKey(sk: Uint8Array, pubkeyHex: string): Uint8Array {
+  if (!HEX64.test(pubkeyHex)) return nip44.getConversationKey(sk, pubkeyHex);
+  const state = keyState(sk);
+  const hit = state.conversations.get(pubkeyHex);
+  if (hit) {
+    // Refresh its place: the map's insertion order is the LRU order.
+    state.conversations.delete(pubkeyHex);
+    state.conversations.set(pubkeyHex, hit);
+    return hit.slice();
+  }
+  const shared = state.ecdh.computeSecret(Buffer.from(`02${pubkeyHex}`, 'hex'));
+  const key = new Uint8Array(createHmac('sha256', NIP44_SALT).update(shared).digest());
+  shared.fill(0);
+  state.conversations.set(pubkeyHex, key);
+  if (state.conversations.size > CONVERSATION_CACHE_MAX) {
+    const oldest = state.conversations.keys().next().value;
+    if (oldest !== undefined) state.conversations.delete(oldest);
+  }
+  return key.slice();
+}
+
+/**
+ * NIP-04 decrypt with the shared secret from native ECDH; the AES-CBC part and
+ * every check on the payload stay nostr-tools' own (`nip04.decrypt` derives the
+ * same key; this only skips its BigInt scalar multiplication).
+ */
+export function fastNip04Decrypt(sk: Uint8Array, pubkeyHex: string, payload: string): string {
+  if (!HEX64.test(pubkeyHex)) return nip04.decrypt(sk, pubkeyHex, payload);
+  const key = sharedX(sk, pubkeyHex);
+  try {
+    return nip04DecryptWithKey(key, payload);
+  } finally {
+    key.fill(0);
+  }
+}
+
+// nostr-tools' nip04 has no "decrypt with this key" entry point; its decrypt is
+// key = x(sk·P) then AES-256-CBC. Node does the cipher; the payload checks are
+// made to match nostr-tools exactly (tested on random and corrupted payloads).
+function nip04DecryptWithKey(key: Uint8Array, payload: string): string {
+  const [ctb64, ivb64] = payload.split('?iv=');
+  // scure's base64 is strict (padding, alphabet); Buffer's is lenient. Use the same decoder as nostr-tools.
+  const iv = base64.decode(ivb64 as string);
+  const ciphertext = base64.decode(ctb64 as string);
+  const decipher = createDecipheriv('aes-256-cbc', key, iv);
+  const plain = Buffer.concat([decipher.update(ciphertext), decipher.final()]);
+  return utf8.decode(plain);
+}
+
+// --- NIP-44 v2 decrypt -----------------------------------------------------------
+
+const NIP44_MIN_PLAINTEXT = 1;
+const NIP44_MAX_PLAINTEXT = 0xffffffff;
+const NIP44_EXTENDED_PREFIX = 65536;
+
+/** RFC 5869 expand with SHA-256, `length` ≤ 255·32. The PRK is the conversation key. */
+function hkdfExpand(prk: Uint8Array, info: Uint8Array, length: number): Buffer {
+  const blocks: Buffer[] = [];
+  let prev: Buffer = Buffer.alloc(0);
+  for (let i = 1; blocks.length * 32 < length; i++) {
+    prev = createHmac('sha256', prk).update(prev).update(info).update(Uint8Array.of(i)).digest();
+    blocks.push(prev);
+  }
+  return Buffer.concat(blocks).subarray(0, length);
+}
+
+/** Same as nostr-tools' (NIP-44's) calcPaddedLen. */
+function paddedLength(len: number): number {
+  if (len <= 32) return 32;
+  const nextPower = 2 ** (Math.floor(Math.log2(len - 1)) + 1);
+  const chunk = nextPower <= 256 ? 32 : nextPower / 8;
+  return chunk * (Math.floor((len - 1) / chunk) + 1);
+}
+
+/**
+ * `nip44.decrypt` (v2) with Node's HMAC and ChaCha20: the same checks in the
+ * same order (length, version, base64 via the same strict codec, MAC in
+ * constant time, padding), so it throws exactly where nostr-tools throws and
+ * returns the same string otherwise.
+ */
+export function fastNip44Decrypt(payload: string, conversationKey: Uint8Array): string {
+  if (typeof payload !== 'string') throw new Error('payload must be a valid string');
+  if (payload.length < 132) throw new Error(`invalid payload length: ${payload.length}`);
+  if (payload[0] === '#') throw new Error('unknown encryption version');
+  const data = base64.decode(payload);
+  if (data.length < 99) throw new Error(`invalid data length: ${data.length}`);
+  if (data[0] !== 2) throw new Error(`unknown encryption version ${data[0]}`);
+  const nonce = data.subarray(1, 33);
+  const ciphertext = data.subarray(33, -32);
+  const mac = data.subarray(-32);
+  if (conversationKey.length !== 32) return nip44.decrypt(payload, conversationKey);
+
+  const keys = hkdfExpand(conversationKey, nonce, 76);
+  const chachaKey = keys.subarray(0, 32);
+  const chachaNonce = keys.subarray(32, 44);
+  const hmacKey = keys.subarray(44, 76);
+  const expected = createHmac('sha256', hmacKey).update(nonce).update(ciphertext).digest();
+  if (!timingSafeEqual(expected, mac)) throw new Error('invalid MAC');
+
+  // OpenSSL's chacha20 takes a 16-byte IV: 32-bit little-endian block counter (0), then the 96-bit nonce.
+  const iv = Buffer.concat([Buffer.alloc(4), chachaNonce]);
+  const decipher = createDecipheriv('chacha20', chachaKey, iv);
+  const padded = Buffer.concat([decipher.update(ciphertext), decipher.final()]);
+  keys.fill(0);
+
+  const dv = new DataView(padded.buffer, padded.byteOffset, padded.byteLength);
+  const firstTwo = dv.getUint16(0);
+  let unpaddedLen: number;
+  let prefixLen: number;
+  if (firstTwo === 0) {
+    unpaddedLen = dv.getUint32(2);
+    if (unpaddedLen < NIP44_EXTENDED_PREFIX) throw new Error('invalid padding');
+    prefixLen = 6;
+  } else {
+    unpaddedLen = firstTwo;
+    prefixLen = 2;
+  }
+  const unpadded = padded.subarray(prefixLen, prefixLen + unpaddedLen);
+  if (
+    unpaddedLen < NIP44_MIN_PLAINTEXT || unpaddedLen > NIP44_MAX_PLAINTEXT ||
+    unpadded.length !== unpaddedLen || padded.length !== prefixLen + paddedLength(unpaddedLen)
+  ) {
+    throw new Error('invalid padding');
+  }
+  return utf8.decode(unpadded);
+}
+
+const utf8 = new TextDecoder('utf-8');
+
+// --- signatures ---------------------------------------------------------------
+
+/**
+ * Serialised events above this many UTF-16 units go to the JS verifier. JSON
+ * escaping can grow a unit to 6 bytes; 32 Ki units stay well inside the WASM
+ * heap (verified up to 300 kB serialised).
+ */
+const WASM_MAX_UNITS = 32 * 1024;
+
+interface Fingerprint {
+  id: string;
+  pubkey: string;
+  sig: string;
+  kind: number;
+  created_at: number;
+  content: string;
+  tags: string;
+}
+
+const verified = new WeakMap<object, Fingerprint>();
+
+function fingerprint(ev: NostrEvent): Fingerprint {
+  return {
+    id: ev.id,
+    pubkey: ev.pubkey,
+    sig: ev.sig,
+    kind: ev.kind,
+    created_at: ev.created_at,
+    content: ev.content,
+    tags: JSON.stringify(ev.tags),
+  };
+}
+
+function sameFingerprint(a: Fingerprint, b: Fingerprint): boolean {
+  return (
+    a.id === b.id && a.pubkey === b.pubkey && a.sig === b.sig && a.kind === b.kind &&
+    a.created_at === b.created_at && a.content === b.content && a.tags === b.tags
+  );
+}
+
+function isCanonical(ev: NostrEvent): boolean {
+  if (typeof ev !== 'object' || ev === null) return false;
+  if (typeof ev.id !== 'string' || !HEX64.test(ev.id)) return false;
+  if (typeof ev.pubkey !== 'string' || !HEX64.test(ev.pubkey)) return false;
+  if (typeof ev.sig !== 'string' || !HEX128.test(ev.sig)) return false;
+  if (!Number.isSafeInteger(ev.kind) || ev.kind < 0) return false;
+  if (!Number.isSafeInteger(ev.created_at) || ev.created_at < 0) return false;
+  if (typeof ev.content !== 'string' || !Array.isArray(ev.tags)) return false;
+  let units = ev.content.length;
+  for (const t of ev.tags) {
+    if (!Array.isArray(t)) return false;
+    for (const v of t) {
+      if (typeof v !== 'string') return false;
+      units += v.length + 3;
+    }
+  }
+  return units <= WASM_MAX_UNITS;
+}
+
+/**
+ * `verifyEvent` with nostr-tools' answers (true/false, and the same throw for
+ * events it cannot serialise), faster. A true answer is remembered for this
+ * exact object and field values (see `wasVerified`).
+ */
+export function verifySignedEvent(ev: NostrEvent): boolean {
+  let ok: boolean;
+  if (wasm && isCanonical(ev)) {
+    try {
+      wasm.verifyEvent({
+        id: ev.id,
+        pubkey: ev.pubkey,
+        sig: ev.sig,
+        kind: ev.kind,
+        created_at: ev.created_at,
+        content: ev.content,
+        tags: ev.tags,
+      });
+      ok = true;
+    } catch {
+      ok = false;
+    }
+  } else {
+    // A fresh object with the signed fields only: nostr-tools caches its verdict
+    // in a symbol on the event (which a spread would copy), and that verdict
+    // would outlive a mutation of the caller's object.
+    ok = jsVerifyEvent({
+      id: ev.id,
+      pubkey: ev.pubkey,
+      sig: ev.sig,
+      kind: ev.kind,
+      created_at: ev.created_at,
+      content: ev.content,
+      tags: ev.tags,
+    });
+  }
+  if (ok) verified.set(ev, fingerprint(ev));
+  return ok;
+}
+
+/** Whether `verifySignedEvent` said true for this object, with every signed field unchanged since. */
+export function wasVerified(ev: NostrEvent): boolean {
+  const fp = verified.get(ev);
+  if (!fp) return false;
+  try {
+    return sameFingerprint(fp, fingerprint(ev));
+  } catch {
+    return false;
+  }
+}
