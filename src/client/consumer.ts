@@ -3,6 +3,7 @@
  * provider and collect the replies that name it. Used by the `paygress` CLI,
  * the demo, the tests and the benchmarks — one client, not four.
  */
+import { randomBytes } from 'node:crypto';
 import { openDm, sealDmRequest } from '../nostr/dm.js';
 import { pubkeyOf } from '../nostr/keys.js';
 import { RelayPool } from '../nostr/relays.js';
@@ -73,7 +74,9 @@ export class ConsumerClient {
     const { event, requestId } = sealDmRequest({
       sk: this.opts.sk,
       recipient: this.opts.provider,
-      content: typeof request === 'string' ? request : JSON.stringify(request),
+      // A rumor id is the hash of sender, second and content: two identical
+      // requests in one second would be one request. A nonce keeps them apart.
+      content: typeof request === 'string' ? request : JSON.stringify({ ...request, nonce: randomBytes(8).toString('hex') }),
       channel: this.channel,
     });
     await this.pool.publish(event);
