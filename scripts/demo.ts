@@ -51,6 +51,7 @@ async function main(): Promise<void> {
           kernel: guest.kernel,
           initrd: guest.initrd,
           ...(guest.append ? { append: guest.append } : {}),
+          readiness: tiny ? 'ssh-banner' : 'cloud-init',
           bindAddress: '127.0.0.1',
           portRange: { from: 44000, to: 44099 },
         },

@@ -52,6 +52,8 @@ export interface AgentOptions {
   defaultPlan: string;
   maxContentBytes: number;
   maxConcurrentRequests: number;
+  /** How long a guest may take to become ready before it is deleted with `boot_failed`. */
+  readyTimeoutMs: number;
   leases: LeaseStore;
   seen: SeenStore;
   inflight: InflightJournal;
@@ -66,6 +68,8 @@ export class Agent {
   private readonly stopping = new Map<string, Promise<void>>();
   private readonly pending = new Set<Promise<void>>();
   private accepting = true;
+  /** Aborted at shutdown: readiness watches end without judging the VM. */
+  private readonly shutdown = new AbortController();
 
   constructor(private readonly opts: AgentOptions) {
     this.limiter = new Semaphore(opts.maxConcurrentRequests);
@@ -88,14 +92,14 @@ export class Agent {
       if (!this.opts.seen.claim(msg.dedupeIds)) return; // the same request from another relay got here first
       await this.process(msg);
     });
-    this.pending.add(job);
-    void job.finally(() => this.pending.delete(job));
+    this.track(job);
     return job;
   }
 
   /** Stop taking new work and wait for requests in flight. */
   async drain(): Promise<void> {
     this.accepting = false;
+    this.shutdown.abort();
     await Promise.allSettled([...this.pending]);
   }
 
@@ -128,6 +132,47 @@ export class Agent {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
     this.opts.inflight.end(msg.requestId);
+    if (reply.type === 'access_details') this.track(this.watchReady(reply.workload_id, log));
+  }
+
+  private track(job: Promise<void>): void {
+    this.pending.add(job);
+    void job.finally(() => this.pending.delete(job));
+  }
+
+  /**
+   * The access details go out as soon as the VM process exists; this follows
+   * up with `ready` once the guest accepts logins, or `boot_failed` (and the
+   * VM is deleted) if it dies or misses the deadline.
+   */
+  private async watchReady(workloadId: string, log: Logger): Promise<void> {
+    const lease = this.opts.leases.get(workloadId);
+    const driver = lease && this.opts.drivers[lease.driver];
+    if (!lease || !driver) return;
+    const route: Route = { to: lease.owner, channel: lease.channel, replyTo: lease.requestId };
+    const base = { version: 1, request_id: lease.requestId, workload_id: workloadId } as const;
+    const result = await driver.waitReady(workloadId, { timeoutMs: this.opts.readyTimeoutMs, signal: this.shutdown.signal });
+    if (result.ready) {
+      log.info({ workloadId, ms: result.ms }, 'workload ready');
+      await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
+      return;
+    }
+    // Shutting down is not a boot failure: the VM stays, the next run re-adopts it.
+    if (this.shutdown.signal.aborted || this.isStopping(workloadId) || !this.opts.leases.get(workloadId)) return;
+    log.warn({ workloadId, reason: result.reason, ms: result.ms }, 'workload failed to boot');
+    await this.destroyLease(lease, log).catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
+    await this.opts.outbox
+      .send(route, {
+        type: 'boot_failed',
+        ...base,
+        reason: result.reason,
+        message:
+          result.reason === 'died'
+            ? 'the VM stopped during boot; it was deleted'
+            : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s; it was deleted`,
+        console: result.consoleTail,
+      })
+      .catch(() => undefined);
   }
 
   private async spawn(req: SpawnRequest, msg: Inbound, log: Logger): Promise<Reply> {

@@ -45,7 +45,7 @@ async function main(argv: string[]): Promise<number> {
 main(process.argv.slice(2)).then(
   (code) => process.exit(code),
   (err: unknown) => {
-    const known = err instanceof ConfigError || (err instanceof Error && /Key(File|Format)Error/.test(err.name));
+    const known = err instanceof ConfigError || (err instanceof Error && /^(Key(File|Format)Error|BaseImageError)$/.test(err.name));
     process.stderr.write(`paygress-agent: ${known ? (err as Error).message : (err as Error)?.stack ?? String(err)}\n`);
     process.exit(known ? 78 : 1); // 78 = EX_CONFIG: systemd shows it as a configuration failure
   },

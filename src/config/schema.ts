@@ -31,6 +31,10 @@ export const KvmConfigSchema = z.object({
   vmRoot: z.string().default('/var/lib/paygress-agent/vms'),
   baseImage: z.string().min(1),
   baseImageFormat: z.enum(['qcow2', 'raw']).default('qcow2'),
+  /** Where to download the base image from when it is missing (https, or http with a sha256). */
+  baseImageUrl: z.string().url().optional(),
+  /** SHA-256 the downloaded base image must have. */
+  baseImageSha256: z.string().regex(/^[0-9a-fA-F]{64}$/, 'must be 64 hex characters').optional(),
   /** Direct kernel boot, for base images without a bootloader. */
   kernel: z.string().optional(),
   initrd: z.string().optional(),
@@ -44,6 +48,10 @@ export const KvmConfigSchema = z.object({
   namePrefix: z.string().regex(/^[a-z][a-z0-9-]{0,15}$/).default('paygress-'),
   pidfileTimeoutMs: z.number().int().min(100).default(15_000),
   stopTimeoutMs: z.number().int().min(100).default(5_000),
+  /** `cloud-init`: ready = SSH banner + cloud-init finished (password set). `ssh-banner`: the banner alone. */
+  readiness: z.enum(['cloud-init', 'ssh-banner']).default('cloud-init'),
+  /** After this long without readiness the VM is deleted and the owner gets `boot_failed`. */
+  readyTimeoutMs: z.number().int().min(1000).default(300_000),
 });
 
 export const ConfigSchema = z

@@ -40,6 +40,11 @@ export interface WorkloadInspection {
   sshPort?: number;
 }
 
+/** How a boot ended, as far as the consumer's access is concerned. */
+export type ReadyResult =
+  | { ready: true; ms: number }
+  | { ready: false; reason: 'died' | 'timeout'; ms: number; /** last lines of the guest console */ consoleTail: string };
+
 export interface ComputeDriver {
   /** Short name used in config and logs, e.g. `kvm`. */
   readonly kind: string;
@@ -55,6 +60,11 @@ export interface ComputeDriver {
   inspect(id: string): Promise<WorkloadInspection>;
   /** Ids of the workloads this driver has on the host (running or half-created). */
   list(): Promise<string[]>;
+  /**
+   * Wait until the workload accepts the consumer's login, it dies, or
+   * `timeoutMs` passes. Resolves early with `died` the moment the process is gone.
+   */
+  waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
 }
 
 /** A driver failure with a stable code the agent can map to a reply. */

@@ -69,7 +69,29 @@ export interface WorkloadNotice {
   message: string;
 }
 
-export type Reply = AccessDetails | StoppedReply | StatusReply | ErrorReply | WorkloadNotice;
+/** Follow-up to `access_details`: the guest accepts logins now. */
+export interface ReadyNotice {
+  type: 'ready';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+  /** Time from access details to ready. */
+  ms: number;
+}
+
+/** Follow-up to `access_details`: the guest never became ready; it was deleted. */
+export interface BootFailedNotice {
+  type: 'boot_failed';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+  reason: 'died' | 'timeout';
+  message: string;
+  /** Last lines of the guest's serial console. */
+  console: string;
+}
+
+export type Reply = AccessDetails | ReadyNotice | BootFailedNotice | StoppedReply | StatusReply | ErrorReply | WorkloadNotice;
 
 export function errorReply(requestId: string, code: ErrorCode, message: string): ErrorReply {
   return { type: 'error', version: 1, request_id: requestId, code, message };

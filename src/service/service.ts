@@ -10,7 +10,7 @@ import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
 import type { Config } from '../config/schema.js';
 import type { ComputeDriver } from '../drivers/types.js';
-import { KvmDriver } from '../drivers/kvm/index.js';
+import { KvmDriver, ensureBaseImage } from '../drivers/kvm/index.js';
 import { openDm } from '../nostr/dm.js';
 import { pubkeyOf, readKeyFile } from '../nostr/keys.js';
 import { RelayPool } from '../nostr/relays.js';
@@ -35,7 +35,19 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const pubkey = pubkeyOf(sk);
 
   const drivers: Record<string, ComputeDriver> = {};
-  if (cfg.drivers.kvm) drivers.kvm = new KvmDriver(cfg.drivers.kvm, logger.child({ driver: 'kvm' }));
+  const kvm = cfg.drivers.kvm;
+  if (kvm) {
+    // Missing base image + configured URL → download and verify now, before any spawn needs it.
+    await ensureBaseImage({
+      path: kvm.baseImage,
+      url: kvm.baseImageUrl,
+      sha256: kvm.baseImageSha256,
+      format: kvm.baseImageFormat,
+      qemuImgBinary: kvm.qemuImgBinary,
+      logger: logger.child({ part: 'base-image' }),
+    });
+    drivers.kvm = new KvmDriver(kvm, logger.child({ driver: 'kvm' }));
+  }
 
   const leases = new LeaseStore(cfg.stateDir);
   const loaded = leases.load();
@@ -53,6 +65,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     defaultPlan: cfg.defaultPlan,
     maxContentBytes: cfg.limits.maxContentBytes,
     maxConcurrentRequests: cfg.limits.maxConcurrentRequests,
+    readyTimeoutMs: cfg.drivers.kvm?.readyTimeoutMs ?? 300_000,
     leases,
     seen,
     inflight,

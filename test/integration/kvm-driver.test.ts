@@ -39,6 +39,7 @@ function config(over: Partial<KvmDriverConfig> = {}): KvmDriverConfig {
     namePrefix: 'paygress-kvmtest-',
     pidfileTimeoutMs: 15_000,
     stopTimeoutMs: 5_000,
+    readiness: 'ssh-banner',
     ...over,
   };
 }

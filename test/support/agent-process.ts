@@ -16,6 +16,8 @@ export interface GuestPaths {
   initrd?: string;
   append?: string;
   baseImage: string;
+  /** `ssh-banner` for guests without cloud-init (the tiny test guest). */
+  readiness?: 'cloud-init' | 'ssh-banner';
 }
 
 export interface AgentProcessOptions {
@@ -82,6 +84,7 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
           ...(opts.guest.kernel ? { kernel: opts.guest.kernel } : {}),
           ...(opts.guest.initrd ? { initrd: opts.guest.initrd } : {}),
           ...(opts.guest.append ? { append: opts.guest.append } : {}),
+          readiness: opts.guest.readiness ?? 'cloud-init',
           bindAddress: '127.0.0.1',
           portRange: opts.portRange,
           pidfileTimeoutMs: 20_000,

@@ -19,6 +19,8 @@ export interface TinyGuest {
   baseImage: string;
   /** Kernel command line: the guest prints its marker and nothing else much on ttyS0. */
   append: string;
+  /** No cloud-init in this guest: its fake sshd banner is the whole readiness signal. */
+  readiness: 'ssh-banner';
 }
 
 /** What the guest's /init prints on the serial console once its network and fake sshd are up. */
@@ -40,6 +42,7 @@ export function tinyGuestPaths(env: NodeJS.ProcessEnv = process.env): TinyGuest 
     initrd: join(dir, 'initrd.img'),
     baseImage: join(dir, 'base.qcow2'),
     append: TINY_GUEST_APPEND,
+    readiness: 'ssh-banner',
   };
 }
 

@@ -30,6 +30,12 @@ export interface KvmDriverConfig {
   pidfileTimeoutMs: number;
   /** SIGTERM → wait this long → SIGKILL. */
   stopTimeoutMs: number;
+  /**
+   * What "ready" means: `cloud-init` = SSH banner and cloud-init's final
+   * message on the serial console (the password is set); `ssh-banner` = the
+   * banner alone, for images without cloud-init.
+   */
+  readiness: 'cloud-init' | 'ssh-banner';
 }
 
 /** Defaults the agent's config schema can reuse; vmRoot and baseImage have none. */

@@ -13,6 +13,7 @@ import {
   DriverError,
   type ComputeDriver,
   type WorkloadHandle,
+  type ReadyResult,
   type WorkloadInspection,
   type WorkloadSpec,
 } from '../types.js';
@@ -23,6 +24,7 @@ import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { findVmPids, isAlive, isVmProcess, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
 import { writeSeedIso } from './seed.js';
+import { probeHost, probeSshBanner, readConsoleTail } from './readiness.js';
 
 /** What vm.json holds: enough to find and stop the workload later. No secrets. */
 export interface VmMeta {
@@ -303,6 +305,32 @@ export class KvmDriver implements ComputeDriver {
       return typeof m.sshPort === 'number' && typeof m.name === 'string' ? m : undefined;
     } catch {
       return undefined;
+    }
+  }
+
+  async waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult> {
+    const t0 = Date.now();
+    const dir = this.workloadDir(id);
+    const host = probeHost(this.config.bindAddress);
+    const needCloudInit = this.config.readiness === 'cloud-init';
+    let banner = false;
+    const failed = async (reason: 'died' | 'timeout'): Promise<ReadyResult> => ({
+      ready: false,
+      reason,
+      ms: Date.now() - t0,
+      consoleTail: await readConsoleTail(vmFile(dir, 'serialLog')),
+    });
+    for (;;) {
+      const seen = await this.inspect(id);
+      if (seen.state !== 'running' || seen.sshPort === undefined) return failed('died');
+      // The banner is cheap to keep probing until it first answers; after that
+      // only the console marker is awaited.
+      banner ||= await probeSshBanner(host, seen.sshPort, 2000);
+      if (banner && (!needCloudInit || (await this.cloudInitFinished(id)))) return { ready: true, ms: Date.now() - t0 };
+      if (Date.now() - t0 >= opts.timeoutMs || opts.signal?.aborted) return failed('timeout');
+      // A boot takes seconds to minutes: a half-second poll costs nothing and
+      // reacts to a dead qemu at once.
+      await new Promise((r) => setTimeout(r, 500));
     }
   }
 

@@ -17,3 +17,5 @@ export { resolveAccel, kvmUsable } from './accel.js';
 export { PortAllocator, canBind } from './ports.js';
 export { argvHasVmName, isVmProcess, isAlive, findVmPids, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
 export { writeSeedIso } from './seed.js';
+export { ensureBaseImage, BaseImageError, type BaseImageInfo } from './base-image.js';
+export { probeSshBanner, consoleTail } from './readiness.js';
