@@ -20,6 +20,18 @@ export const PlanSchema = z.object({
   diskGb: z.number().int().min(1),
   /** How long a lease of this plan lasts before the VM is stopped and deleted. */
   durationSeconds: z.number().int().min(1).default(3600),
+  /** Price advertised in the discovery offer (upstream `rate_msats_per_sec`); payment itself is not implemented. */
+  rateMsatsPerSec: z.number().int().min(0).default(0),
+});
+
+export const DiscoverySchema = z.object({
+  /** Publish the offer (kind 38383) and heartbeats (38384 + ephemeral 20384). */
+  enabled: z.boolean().default(true),
+  heartbeatSeconds: z.number().int().min(1).max(3600).default(60),
+  /** Advertised in the offer as `api_endpoint`; null when unset. */
+  apiEndpoint: z.string().url().optional(),
+  /** Advertised as `capabilities`. */
+  capabilities: z.array(z.string().max(32)).max(16).default(['vm', 'kvm', 'ssh']),
 });
 
 export const KvmConfigSchema = z.object({
@@ -89,6 +101,7 @@ export const ConfigSchema = z
       })
       .default({ checkIntervalMs: 2_000, warnBeforeSeconds: 300 }),
     drivers: z.object({ kvm: KvmConfigSchema.optional() }),
+    discovery: DiscoverySchema.default({ enabled: true, heartbeatSeconds: 60, capabilities: ['vm', 'kvm', 'ssh'] }),
   })
   .superRefine((cfg, ctx) => {
     if (!cfg.plans.some((p) => p.id === cfg.defaultPlan)) {
@@ -112,3 +125,4 @@ export const ConfigSchema = z
 export type Config = z.infer<typeof ConfigSchema>;
 export type PlanConfig = z.infer<typeof PlanSchema>;
 export type KvmConfig = z.infer<typeof KvmConfigSchema>;
+export type DiscoveryConfig = z.infer<typeof DiscoverySchema>;
