@@ -1,0 +1,3 @@
+export * from './events.js';
+export * from './capacity.js';
+export * from './publisher.js';
