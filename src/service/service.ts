@@ -17,6 +17,7 @@ import { RelayPool } from '../nostr/relays.js';
 import type { NostrEvent } from '../nostr/types.js';
 import type { Logger } from '../util/logger.js';
 import { NostrOutbox } from './nostr-outbox.js';
+import { DiscoveryPublisher } from '../discovery/publisher.js';
 
 /** Gift wraps are back-dated up to two days (NIP-59); the window must cover that plus clock slack. */
 export const SINCE_WINDOW_SECONDS = 2 * 24 * 3600 + 3600;
@@ -109,6 +110,28 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   // in the outbox until a relay is connected.
   await supervisor.reconcile();
   supervisor.start();
+  const discovery = cfg.discovery.enabled
+    ? new DiscoveryPublisher({
+        sk,
+        pubkey,
+        pool,
+        offer: () => ({
+          pubkey,
+          name: cfg.provider.name,
+          location: cfg.provider.location,
+          capabilities: cfg.discovery.capabilities,
+          plans: cfg.plans,
+          isolationLevels: cfg.tiers.map((t) => t.level),
+          apiEndpoint: cfg.discovery.apiEndpoint,
+          totalJobsCompleted: 0,
+        }),
+        held: () => leases.all(),
+        vmRoot: cfg.drivers.kvm?.vmRoot ?? cfg.stateDir,
+        heartbeatSeconds: cfg.discovery.heartbeatSeconds,
+        logger: logger.child({ part: 'discovery' }),
+      })
+    : undefined;
+  discovery?.start();
   // The window is recomputed at every (re)connect: always the last two days
   // plus slack, never "newest seen" (gift-wrap timestamps are random).
   const sub = pool.subscribe(
@@ -123,6 +146,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     pool,
     async stop() {
       sub.close();
+      await discovery?.stop();
       await agent.drain();
       await supervisor.stop();
       outbox.close();
