@@ -1,2 +1,12 @@
-// Placeholder replaced as the harness grows (guest build check etc.).
-export default function setup(): void {}
+/**
+ * Build the guest images once, before any test file starts, so no test's
+ * timeout has to absorb a first-time image build (cached afterwards in
+ * ~/.cache/paygress-agent/guests).
+ */
+import { ensureCloudGuest } from './cloud-guest.js';
+import { ensureTinyGuest } from './tiny-guest.js';
+
+export default async function setup(): Promise<void> {
+  await ensureTinyGuest();
+  await ensureCloudGuest();
+}
