@@ -10,7 +10,7 @@ import { DriverError } from '../drivers/types.js';
 import { RequestError } from '../protocol/errors.js';
 import { parseRequest, type SpawnRequest, type StatusRequest, type StopRequest } from '../protocol/requests.js';
 import { errorReply, type AccessDetails, type PlanInfo, type Reply } from '../protocol/replies.js';
-import type { Logger } from '../util/logger.js';
+import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
 import { Semaphore } from '../util/semaphore.js';
 import type { InflightJournal } from './inflight.js';
 import type { LeaseStore, Lease } from './leases.js';
@@ -30,6 +30,8 @@ export interface Inbound {
   channel: string;
   /** Plaintext; may hold a password. Never logged. */
   content: string;
+  /** Time spent verifying and decrypting the DM, for the request's log line. */
+  unwrapMs?: number;
 }
 
 export interface Route {
@@ -90,7 +92,8 @@ export class Agent {
       // stops stays unclaimed and is read again from the relays after restart.
       if (!this.accepting) return;
       if (!this.opts.seen.claim(msg.dedupeIds)) return; // the same request from another relay got here first
-      await this.process(msg);
+      // Every line this request causes, in any module, carries its requestId.
+      await withLogContext({ requestId: msg.requestId }, () => this.process(msg));
     });
     this.track(job);
     return job;
@@ -111,7 +114,7 @@ export class Agent {
       const parsed = parseRequest(msg.content, this.opts.maxContentBytes);
       if (!parsed.ok) throw parsed.error;
       const req = parsed.request;
-      log.info({ type: req.type, sender: msg.sender, channel: msg.channel }, 'request');
+      log.info({ type: req.type, sender: msg.sender, channel: msg.channel, unwrapMs: msg.unwrapMs }, 'request');
       switch (req.type) {
         case 'spawn':
           reply = await this.spawn(req, msg, log);
@@ -126,8 +129,10 @@ export class Agent {
     } catch (err) {
       reply = this.toErrorReply(err, msg.requestId, log);
     }
+    const replyStarted = Date.now();
     try {
       await this.opts.outbox.send(route, reply);
+      log.info({ phase: 'reply', ms: Date.now() - replyStarted, reply: reply.type }, 'reply handed to the relays');
     } catch (err) {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
@@ -190,6 +195,7 @@ export class Agent {
 
     const workloadId = `w-${randomBytes(6).toString('hex')}`;
     const wlog = log.child({ workloadId });
+    addLogContext({ workloadId });
     const started = Date.now();
     this.opts.inflight.begin({
       requestId: msg.requestId,

@@ -85,7 +85,9 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   });
 
   const onEvent = (event: NostrEvent): void => {
+    const unwrapStarted = performance.now();
     const opened = openDm(event, sk, pubkey);
+    const unwrapMs = Math.round((performance.now() - unwrapStarted) * 10) / 10;
     if (!opened.ok) {
       // Wraps for other keys are normal traffic on shared relays; not worth a warning.
       logger.debug({ eventId: event.id, reason: opened.reason }, 'event ignored');
@@ -102,6 +104,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
       sender: dm.sender,
       channel: dm.channel,
       content: dm.content,
+      unwrapMs,
     });
   };
 

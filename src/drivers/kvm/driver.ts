@@ -72,7 +72,7 @@ export class KvmDriver implements ComputeDriver {
   }
 
   private resolvedAccel(): Promise<'kvm' | 'tcg'> {
-    this.accel ??= resolveAccel(this.config.accel, this.logger);
+    this.accel ??= resolveAccel(this.config.accel, this.logger, '/dev/kvm', this.config.qemuBinary);
     return this.accel;
   }
 
@@ -101,7 +101,7 @@ export class KvmDriver implements ComputeDriver {
     const id = spec.id;
     const name = this.vmName(id);
     const dir = this.workloadDir(id);
-    const log = logger.child({ workload: id });
+    const log = logger.child({ workloadId: id });
     const t0 = Date.now();
     let dirCreated = false;
     let port: number | undefined;
@@ -255,7 +255,7 @@ export class KvmDriver implements ComputeDriver {
   private async destroyLocked(id: string): Promise<void> {
     const dir = this.workloadDir(id);
     const name = this.vmName(id);
-    const log = this.logger.child({ workload: id });
+    const log = this.logger.child({ workloadId: id });
     const t0 = Date.now();
     const meta = await this.readMeta(id);
     const existed = await stat(dir).then(() => true, () => false);
