@@ -12,6 +12,7 @@ import { parseRequest, type SpawnRequest, type StatusRequest, type StopRequest }
 import { errorReply, type AccessDetails, type PlanInfo, type Reply } from '../protocol/replies.js';
 import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
 import { Semaphore } from '../util/semaphore.js';
+import type { SenderRateLimiter, SpawnAdmission } from './admission.js';
 import type { InflightJournal } from './inflight.js';
 import type { LeaseStore, Lease } from './leases.js';
 import { resolveResources, type Plan } from './plans.js';
@@ -61,6 +62,10 @@ export interface AgentOptions {
   inflight: InflightJournal;
   outbox: Outbox;
   logger: Logger;
+  /** Per-sender rate limit over every request; none = unlimited (library use, tests of other parts). */
+  rateLimiter?: SenderRateLimiter;
+  /** Workload caps, spawns in flight, committed vCPU/RAM; none = unlimited. */
+  admission?: SpawnAdmission;
 }
 
 export class Agent {
@@ -87,6 +92,10 @@ export class Agent {
       this.log.debug({ requestId: msg.requestId }, 'duplicate message dropped');
       return Promise.resolve();
     }
+    // Before the queue and before JSON parsing: a flooding key costs a map
+    // lookup per message, and at most one small reply per token interval.
+    const rate = this.opts.rateLimiter?.take(msg.sender) ?? 'allow';
+    if (rate !== 'allow') return this.refuseRate(msg, rate);
     const job = this.limiter.run(async () => {
       // Claimed only when work starts: a message still queued when the agent
       // stops stays unclaimed and is read again from the relays after restart.
@@ -95,6 +104,19 @@ export class Agent {
       // Every line this request causes, in any module, carries its requestId.
       await withLogContext({ requestId: msg.requestId }, () => this.process(msg));
     });
+    this.track(job);
+    return job;
+  }
+
+  private refuseRate(msg: Inbound, decision: 'limited' | 'drop'): Promise<void> {
+    // Claimed like any request: a refused message must not run later (replay, restart).
+    if (!this.accepting || !this.opts.seen.claim(msg.dedupeIds)) return Promise.resolve();
+    this.log.info({ requestId: msg.requestId, sender: msg.sender, answered: decision === 'limited' }, 'request refused: rate_limited');
+    if (decision === 'drop') return Promise.resolve();
+    const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
+    const job = this.opts.outbox
+      .send(route, errorReply(msg.requestId, 'rate_limited', 'too many requests from this key; slow down'))
+      .catch((err: Error) => this.log.error({ err: err.message }, 'reply could not be sent'));
     this.track(job);
     return job;
   }
@@ -192,7 +214,24 @@ export class Agent {
     }
     const driver = this.opts.drivers[tier.driver];
     if (!driver) throw new Error(`tier ${tier.level} names driver ${tier.driver}, which is not running`);
+    // Reserved before anything touches the host; released on every way out
+    // (after lease.put the lease itself counts).
+    const reservation = this.opts.admission?.reserve(msg.sender, resources);
+    try {
+      return await this.spawnAdmitted(req, msg, log, resources, tier, driver);
+    } finally {
+      reservation?.release();
+    }
+  }
 
+  private async spawnAdmitted(
+    req: SpawnRequest,
+    msg: Inbound,
+    log: Logger,
+    resources: ReturnType<typeof resolveResources>,
+    tier: TierOffer,
+    driver: ComputeDriver,
+  ): Promise<Reply> {
     const workloadId = `w-${randomBytes(6).toString('hex')}`;
     const wlog = log.child({ workloadId });
     addLogContext({ workloadId });

@@ -90,8 +90,32 @@ export const ConfigSchema = z
         maxContentBytes: z.number().int().min(256).max(1_048_576).default(65_536),
         /** Requests handled at the same time; more wait in line. */
         maxConcurrentRequests: z.number().int().min(1).max(256).default(8),
+        /** Per-sender token bucket over every request type: refill rate and burst. Over it: `rate_limited`. */
+        ratePerMinute: z.number().positive().max(1_000_000).default(30),
+        rateBurst: z.number().int().min(1).max(1_000_000).default(10),
+        /** Live workloads one key may hold (`quota_exceeded`) and the host may run (`capacity_exhausted`). */
+        maxVmsPerSender: z.number().int().min(1).default(3),
+        maxVms: z.number().int().min(1).default(32),
+        /** Spawns being set up at once; more get `busy`. */
+        maxSpawnsInFlight: z.number().int().min(1).max(256).default(4),
+        /**
+         * What spawns may commit in total (`capacity_exhausted` beyond). Each
+         * field left out is derived: CPU cores x 4 vCPUs; total RAM minus
+         * max(1 GiB, 10 %) (see agent/admission.ts).
+         */
+        hostCapacity: z
+          .object({ vcpus: z.number().int().min(1).optional(), memoryMb: z.number().int().min(64).optional() })
+          .optional(),
       })
-      .default({ maxContentBytes: 65_536, maxConcurrentRequests: 8 }),
+      .default({
+        maxContentBytes: 65_536,
+        maxConcurrentRequests: 8,
+        ratePerMinute: 30,
+        rateBurst: 10,
+        maxVmsPerSender: 3,
+        maxVms: 32,
+        maxSpawnsInFlight: 4,
+      }),
     leases: z
       .object({
         /** How often leases are checked for expiry and for dead workloads. */

@@ -4,6 +4,7 @@
  * only module that knows both sides.
  */
 import { Agent } from '../agent/agent.js';
+import { SenderRateLimiter, SpawnAdmission, resolveHostCapacity } from '../agent/admission.js';
 import { InflightJournal } from '../agent/inflight.js';
 import { Supervisor } from '../agent/supervisor.js';
 import { LeaseStore } from '../agent/leases.js';
@@ -58,6 +59,8 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
 
   const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
   const outbox = new NostrOutbox({ sk, pool, logger: logger.child({ part: 'outbox' }) });
+  const hostCapacity = resolveHostCapacity(cfg.limits.hostCapacity);
+  logger.info({ hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
   const agent = new Agent({
     publicHost: cfg.provider.publicHost,
     tiers: cfg.tiers,
@@ -72,6 +75,16 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     inflight,
     outbox,
     logger,
+    rateLimiter: new SenderRateLimiter({ capacity: cfg.limits.rateBurst, refillPerSecond: cfg.limits.ratePerMinute / 60 }),
+    admission: new SpawnAdmission(
+      {
+        maxVmsPerSender: cfg.limits.maxVmsPerSender,
+        maxVms: cfg.limits.maxVms,
+        maxSpawnsInFlight: cfg.limits.maxSpawnsInFlight,
+        hostCapacity,
+      },
+      () => leases.all(),
+    ),
   });
   const supervisor = new Supervisor({
     agent,

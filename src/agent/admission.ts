@@ -1,0 +1,233 @@
+/**
+ * Admission: what a request must get past before it may cost anything.
+ *
+ * - `SenderRateLimiter`: a token bucket per sender key, checked for every
+ *   request type right after decryption and before JSON parsing. The map of
+ *   buckets is bounded (least recently used sender evicted first), so a flood
+ *   of fresh keys cannot grow memory without bound.
+ * - `SpawnAdmission`: per-sender and global caps on live workloads, a bound on
+ *   spawns in flight, and committed vCPU/RAM against the host's capacity.
+ *   A spawn reserves its share before the driver is called and releases it
+ *   when it fails or once its lease exists (then the lease counts), so two
+ *   concurrent spawns cannot both squeeze into the last slot.
+ *
+ * The decisions themselves (`refillBucket`, `checkSpawn`) are pure functions;
+ * the classes only hold state and a clock.
+ */
+import { cpus, totalmem } from 'node:os';
+import { RequestError } from '../protocol/errors.js';
+
+// --- rate limit ------------------------------------------------------------------
+
+export interface Bucket {
+  tokens: number;
+  /** Clock time (ms) `tokens` was computed at. */
+  at: number;
+  /** Last time this sender was told `rate_limited` (ms), or -Infinity. */
+  noticedAt: number;
+}
+
+export interface RateLimitOptions {
+  /** Burst: requests a quiet sender may send at once. */
+  capacity: number;
+  /** Tokens added per second, up to `capacity`. */
+  refillPerSecond: number;
+  /** Most senders tracked at once; beyond it the least recently seen is forgotten. */
+  maxSenders?: number;
+  /** Milliseconds clock; injectable for tests. */
+  now?: () => number;
+}
+
+/**
+ * `allow`: go on. `limited`: refuse and say `rate_limited`. `drop`: refuse
+ * silently — the sender was told moments ago, and answering every message of
+ * a flood would make the agent an amplifier (each reply is a signed, encrypted
+ * event on the relays).
+ */
+export type RateDecision = 'allow' | 'limited' | 'drop';
+
+/** Bucket after `now - at` ms of refill. Pure. */
+export function refillBucket(b: Bucket, now: number, capacity: number, refillPerSecond: number): Bucket {
+  // A clock that steps back must not mint tokens or go negative.
+  const elapsed = Math.max(0, now - b.at);
+  return { ...b, tokens: Math.min(capacity, b.tokens + (elapsed / 1000) * refillPerSecond), at: Math.max(b.at, now) };
+}
+
+export const DEFAULT_MAX_TRACKED_SENDERS = 10_000;
+
+export class SenderRateLimiter {
+  /** Map order is recency order: the first key is the least recently seen sender. */
+  private readonly buckets = new Map<string, Bucket>();
+  private readonly now: () => number;
+  private readonly maxSenders: number;
+  /** At most one `rate_limited` reply per sender per this many ms (the time one token takes). */
+  private readonly noticeIntervalMs: number;
+
+  constructor(private readonly opts: RateLimitOptions) {
+    if (!(opts.capacity >= 1) || !(opts.refillPerSecond > 0)) throw new Error('rate limit needs capacity >= 1 and refill > 0');
+    this.now = opts.now ?? Date.now;
+    this.maxSenders = opts.maxSenders ?? DEFAULT_MAX_TRACKED_SENDERS;
+    this.noticeIntervalMs = 1000 / opts.refillPerSecond;
+  }
+
+  take(sender: string): RateDecision {
+    const now = this.now();
+    const old = this.buckets.get(sender);
+    // A forgotten sender comes back with a full bucket: eviction can only ever
+    // give a key what a brand-new key gets anyway, so it opens no bypass that
+    // generating keys does not already open.
+    let b = old
+      ? refillBucket(old, now, this.opts.capacity, this.opts.refillPerSecond)
+      : { tokens: this.opts.capacity, at: now, noticedAt: -Infinity };
+    let decision: RateDecision;
+    if (b.tokens >= 1) {
+      b = { ...b, tokens: b.tokens - 1 };
+      decision = 'allow';
+    } else if (now - b.noticedAt >= this.noticeIntervalMs) {
+      b = { ...b, noticedAt: now };
+      decision = 'limited';
+    } else {
+      decision = 'drop';
+    }
+    this.buckets.delete(sender);
+    this.buckets.set(sender, b);
+    while (this.buckets.size > this.maxSenders) {
+      const oldest = this.buckets.keys().next().value as string;
+      this.buckets.delete(oldest);
+    }
+    return decision;
+  }
+
+  /** Senders currently tracked (bounded by `maxSenders`). */
+  get size(): number {
+    return this.buckets.size;
+  }
+}
+
+// --- spawn admission -------------------------------------------------------------
+
+export interface HostCapacity {
+  vcpus: number;
+  memoryMb: number;
+}
+
+export interface SpawnLimits {
+  maxVmsPerSender: number;
+  maxVms: number;
+  maxSpawnsInFlight: number;
+  hostCapacity: HostCapacity;
+}
+
+/** vCPUs are time-shared: a host may promise more than it has cores. RAM is not overcommitted. */
+export const CPU_OVERCOMMIT = 4;
+/** RAM kept for the host itself (kernel, page cache, qemu's own overhead, the agent). */
+export function memoryReserveMb(totalMb: number): number {
+  return Math.max(1024, Math.round(totalMb * 0.1));
+}
+
+/**
+ * Capacity when the config names none: cores × `CPU_OVERCOMMIT` vCPUs, and
+ * total RAM minus `memoryReserveMb` (1 GiB or 10 %, whichever is more).
+ * Explicit values win field by field.
+ */
+export function resolveHostCapacity(
+  configured: Partial<HostCapacity> | undefined,
+  host: { cpus: number; totalMemoryMb: number } = { cpus: cpus().length, totalMemoryMb: Math.floor(totalmem() / 1048576) },
+): HostCapacity {
+  return {
+    vcpus: configured?.vcpus ?? Math.max(1, host.cpus) * CPU_OVERCOMMIT,
+    memoryMb: configured?.memoryMb ?? Math.max(0, host.totalMemoryMb - memoryReserveMb(host.totalMemoryMb)),
+  };
+}
+
+/** What is already promised: live workloads plus reservations of spawns in flight. */
+export interface Usage {
+  senderVms: number;
+  vms: number;
+  inFlight: number;
+  vcpus: number;
+  memoryMb: number;
+}
+
+export interface Want {
+  vcpus: number;
+  memoryMb: number;
+}
+
+/**
+ * The verdict for one spawn, or null to admit it. Pure. Order: the sender's
+ * own quota first (only they can fix it), then the host's room (nothing to
+ * retry soon), then spawns in flight (transient: retry shortly).
+ */
+export function checkSpawn(usage: Usage, want: Want, limits: SpawnLimits): RequestError | null {
+  if (usage.senderVms >= limits.maxVmsPerSender) {
+    return new RequestError('quota_exceeded', `this key may hold at most ${limits.maxVmsPerSender} live workload(s); stop one first`);
+  }
+  if (usage.vms >= limits.maxVms) {
+    return new RequestError('capacity_exhausted', 'this host runs its maximum number of workloads');
+  }
+  if (usage.vcpus + want.vcpus > limits.hostCapacity.vcpus) {
+    return new RequestError('capacity_exhausted', `this host has no room for ${want.vcpus} more vCPU(s) right now`);
+  }
+  if (usage.memoryMb + want.memoryMb > limits.hostCapacity.memoryMb) {
+    return new RequestError('capacity_exhausted', `this host has no room for ${want.memoryMb} MB more memory right now`);
+  }
+  if (usage.inFlight >= limits.maxSpawnsInFlight) {
+    return new RequestError('busy', 'too many workloads are starting right now; retry in a few seconds');
+  }
+  return null;
+}
+
+/** What a live workload holds; leases satisfy it. */
+export interface Holding {
+  owner: string;
+  vcpus: number;
+  memoryMb: number;
+}
+
+export interface Reservation {
+  /** Give the share back. Idempotent. */
+  release(): void;
+}
+
+export class SpawnAdmission {
+  private readonly reserved = new Set<Holding>();
+
+  /** `live()` lists what running workloads hold (the lease table). */
+  constructor(
+    private readonly limits: SpawnLimits,
+    private readonly live: () => Iterable<Holding>,
+  ) {}
+
+  usage(sender: string): Usage {
+    const u: Usage = { senderVms: 0, vms: 0, inFlight: this.reserved.size, vcpus: 0, memoryMb: 0 };
+    for (const h of [...this.live(), ...this.reserved]) {
+      u.vms++;
+      u.vcpus += h.vcpus;
+      u.memoryMb += h.memoryMb;
+      if (h.owner === sender) u.senderVms++;
+    }
+    return u;
+  }
+
+  /**
+   * Admit a spawn and hold its share, or throw the `RequestError` to answer.
+   * Synchronous on purpose: check and reserve happen in one turn of the event
+   * loop, so no other spawn can slip in between.
+   */
+  reserve(sender: string, want: Want): Reservation {
+    const refusal = checkSpawn(this.usage(sender), want, this.limits);
+    if (refusal) throw refusal;
+    const hold: Holding = { owner: sender, vcpus: want.vcpus, memoryMb: want.memoryMb };
+    this.reserved.add(hold);
+    return { release: () => void this.reserved.delete(hold) };
+  }
+
+  get inFlight(): number {
+    return this.reserved.size;
+  }
+
+  get capacity(): HostCapacity {
+    return { ...this.limits.hostCapacity };
+  }
+}
