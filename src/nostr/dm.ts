@@ -5,10 +5,18 @@
  * `openDm` is total: whatever a relay sends, it returns a reason instead of
  * throwing, so one hostile event can never take the receive loop down.
  */
-import { finalizeEvent, generateSecretKey, getEventHash, getPublicKey } from 'nostr-tools/pure';
+import { generateSecretKey, getEventHash } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
 import * as nip44 from 'nostr-tools/nip44';
-import { fastConversationKey, fastNip04Decrypt, fastNip44Decrypt, verifySignedEvent, wasVerified } from './fast-crypto.js';
+import {
+  fastConversationKey,
+  fastNip04Decrypt,
+  fastNip44Decrypt,
+  fastPublicKey,
+  signEvent,
+  verifySignedEvent,
+  wasVerified,
+} from './fast-crypto.js';
 import { parsePublicKey } from './keys.js';
 import type { DmChannel, IncomingDm, NostrEvent } from './types.js';
 
@@ -214,16 +222,16 @@ export function sealDmRequest(opts: SealDmOptions): { event: NostrEvent; request
   const now = Math.floor(Date.now() / 1000);
 
   if (opts.channel === 'nip04') {
-    const event = finalizeEvent(
+    const event = signEvent(
       { kind: KIND_NIP04_DM, created_at: now, tags, content: nip04.encrypt(opts.sk, recipient, opts.content) },
       opts.sk,
     );
     return { event, requestId: event.id };
   }
 
-  const rumorBody = { pubkey: getPublicKey(opts.sk), created_at: now, kind: KIND_PRIVATE_DM, tags, content: opts.content };
+  const rumorBody = { pubkey: fastPublicKey(opts.sk), created_at: now, kind: KIND_PRIVATE_DM, tags, content: opts.content };
   const rumor = { ...rumorBody, id: getEventHash(rumorBody) };
-  const seal = finalizeEvent(
+  const seal = signEvent(
     {
       kind: KIND_SEAL,
       created_at: randomPast(now),
@@ -234,7 +242,7 @@ export function sealDmRequest(opts: SealDmOptions): { event: NostrEvent; request
   );
   // A fresh key per wrap: relays see neither the sender nor a link between wraps.
   const ephemeral = generateSecretKey();
-  const event = finalizeEvent(
+  const event = signEvent(
     {
       kind: KIND_GIFT_WRAP,
       created_at: randomPast(now),

@@ -16,13 +16,17 @@
  *   field), so a receive path that verified an event in the relay pool does not
  *   pay for it again in `openDm`; a later mutation of the object voids it.
  *
+ * - Signing (replies, gift wraps): the same libsecp256k1, after Node's ECDH
+ *   has checked the secret key (the WASM signer does not) and with its public
+ *   key compared against Node's.
+ *
  * Everything falls back to nostr-tools when a fast part is unavailable.
  * Byte-identity with nostr-tools is tested in test/unit/fast-unwrap.test.ts.
  */
 import { createDecipheriv, createECDH, createHmac, timingSafeEqual, type ECDH } from 'node:crypto';
 // nostr-tools' own base64 codec (its dependency): strict where Buffer's is lenient.
 import { base64 } from '@scure/base';
-import { verifyEvent as jsVerifyEvent } from 'nostr-tools/pure';
+import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
 import * as nip44 from 'nostr-tools/nip44';
 import type { NostrEvent } from './types.js';
@@ -30,6 +34,8 @@ import type { NostrEvent } from './types.js';
 interface WasmVerifier {
   /** Throws unless id = sha256(serialised event) and sig is a valid BIP-340 signature of it by pubkey. */
   verifyEvent(event: object): void;
+  /** Sets pubkey, id and sig on `event` (BIP-340 with fresh random aux data). Does not check the key. */
+  finalizeEvent(event: { pubkey: string; id: string; sig: string; kind: number; created_at: number; tags: string[][]; content: string }, seckey: Uint8Array): void;
 }
 
 /**
@@ -87,6 +93,12 @@ function keyState(sk: Uint8Array): KeyState {
 export function sharedX(sk: Uint8Array, pubkeyHex: string): Buffer {
   if (!HEX64.test(pubkeyHex)) throw new Error('public key must be 64 lowercase hex characters');
   return keyState(sk).ecdh.computeSecret(Buffer.from(`02${pubkeyHex}`, 'hex'));
+}
+
+/** x-only public key (hex) of `sk`, from the cached native ECDH object. Equal to nostr-tools' `getPublicKey`. */
+export function fastPublicKey(sk: Uint8Array): string {
+  // Compressed SEC1: 02/03 prefix, then x.
+  return keyState(sk).ecdh.getPublicKey(undefined, 'compressed').subarray(1).toString('hex');
 }
 
 /** NIP-44 v2 conversation key: HKDF-extract(salt = "nip44-v2", ikm = shared x). Equal to `nip44.getConversationKey`. */
@@ -327,4 +339,30 @@ export function wasVerified(ev: NostrEvent): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * `finalizeEvent` of nostr-tools (pubkey, id and BIP-340 signature over a copy
+ * of `template`), signed by libsecp256k1 where available. The secret key is
+ * validated by Node's ECDH first, and the public key libsecp256k1 derived must
+ * equal Node's, so a bad key throws instead of yielding a garbage signature.
+ */
+export function signEvent(template: EventTemplate, sk: Uint8Array): NostrEvent {
+  const pubkey = fastPublicKey(sk);
+  const ev: NostrEvent = {
+    kind: template.kind,
+    created_at: template.created_at,
+    tags: template.tags,
+    content: template.content,
+    pubkey,
+    id: '',
+    sig: '',
+  };
+  if (!wasm || !isCanonical({ ...ev, id: '0'.repeat(64), sig: '0'.repeat(128) })) {
+    const signed = jsFinalizeEvent({ kind: ev.kind, created_at: ev.created_at, tags: ev.tags, content: ev.content }, sk);
+    return { id: signed.id, pubkey: signed.pubkey, sig: signed.sig, kind: signed.kind, created_at: signed.created_at, tags: signed.tags, content: signed.content };
+  }
+  wasm.finalizeEvent(ev, sk);
+  if (ev.pubkey !== pubkey) throw new Error('secret key rejected by the signer');
+  return ev;
 }

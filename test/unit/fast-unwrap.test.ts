@@ -14,7 +14,9 @@ import {
   fastConversationKey,
   fastNip04Decrypt,
   fastNip44Decrypt,
+  fastPublicKey,
   sharedX,
+  signEvent,
   signatureBackend,
   verifySignedEvent,
   wasVerified,
@@ -274,5 +276,40 @@ describe('openDm on the fast path', () => {
     const ev = finalizeEvent({ kind: 4, created_at: 1_700_000_000, tags: [['p', getPublicKey(me)]], content }, sender);
     const opened = openDm(ev, me, getPublicKey(me));
     expect(opened).toMatchObject({ ok: true, dm: { content: nip04.decrypt(me, getPublicKey(sender), content), sender: getPublicKey(sender) } });
+  });
+});
+
+describe('signEvent (libsecp256k1 signing)', () => {
+  it('signs what nostr-tools verifies, with the id and pubkey nostr-tools computes', () => {
+    fc.assert(
+      fc.property(secretKeyArb, fc.string({ maxLength: 300 }), fc.array(fc.array(fc.string(), { maxLength: 3 }), { maxLength: 3 }), (sk, content, tags) => {
+        const template = { kind: 1059, created_at: 1_700_000_000, tags, content };
+        const ours = signEvent(template, sk);
+        const theirs = finalizeEvent({ ...template, tags: tags.map((t) => [...t]) }, sk);
+        expect(ours.pubkey).toBe(getPublicKey(sk));
+        expect(ours.id).toBe(theirs.id);
+        // A plain copy: nostr-tools must check the signature itself, not trust a cached verdict.
+        expect(verifyEvent({ ...ours })).toBe(true);
+        expect(fastPublicKey(sk)).toBe(getPublicKey(sk));
+      }),
+      { numRuns: 60 },
+    );
+  });
+
+  it('a signature it makes does not verify for a changed event', () => {
+    const ev = signEvent({ kind: 4, created_at: 1, tags: [['p', 'x']], content: 'hello' }, generateSecretKey());
+    expect(verifyEvent({ ...ev, content: 'hellO' })).toBe(false);
+  });
+
+  it('throws for secret keys outside [1, n-1] instead of signing with them', () => {
+    const n = Uint8Array.from(Buffer.from('fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141', 'hex'));
+    for (const bad of [new Uint8Array(32), n, new Uint8Array(32).fill(0xff)]) {
+      expect(() => signEvent({ kind: 1, created_at: 1, tags: [], content: '' }, bad)).toThrow();
+    }
+  });
+
+  it('large events take the nostr-tools signer and still verify', () => {
+    const ev = signEvent({ kind: 1, created_at: 1, tags: [], content: 'x'.repeat(100_000) }, generateSecretKey());
+    expect(verifyEvent({ ...ev })).toBe(true);
   });
 });
