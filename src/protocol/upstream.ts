@@ -1,0 +1,156 @@
+/**
+ * Compatibility with the upstream Paygress client (Rust). Its requests carry
+ * no `type`: the shape decides (serde `untagged`). This adapter recognises
+ * those shapes, turns them into v1 requests, and maps v1 replies back to the
+ * upstream field names, keeping the v1 fields beside them so either kind of
+ * client can read the same reply. Pure.
+ *
+ * Decisions (documented in docs/protocol.md "Upstream compatibility"):
+ * - `cashu_token` is ignored and never logged or echoed: this agent takes no payment.
+ * - `pod_spec_id` → v1 `plan` (absent → the provider's default plan).
+ * - `ssh_password` → v1 `root_password` (same rules: 12-256 printable characters).
+ * - `ssh_username` is not used: the guest's login user is always `root`, which
+ *   the reply says (`instructions`, status `ssh_username`).
+ * - `pod_image` is ignored: a VM provider boots its own configured base image.
+ * - `template_slug` is refused: this provider has no template registry.
+ * - top-up (`{pod_npub, cashu_token}`) is answered with an error: no payment, no extension.
+ * - `pod_npub` in replies is `container-<workload id>`; status accepts it or the bare id.
+ */
+import { RequestError, type ErrorCode } from './errors.js';
+import type { Reply } from './replies.js';
+import { parseRequest, WORKLOAD_ID_PATTERN, type ParseResult } from './requests.js';
+
+export type UpstreamKind = 'spawn' | 'status' | 'topup';
+export type ParsedAny = ParseResult & ({ dialect: 'v1' } | { dialect: 'upstream'; kind: UpstreamKind });
+
+const POD_PREFIX = 'container-';
+
+export function podIdOf(workloadId: string): string {
+  return `${POD_PREFIX}${workloadId}`;
+}
+
+/** `container-w-…` or a bare workload id → the workload id; anything else → null. */
+export function workloadIdOfPod(podId: string): string | null {
+  const id = podId.startsWith(POD_PREFIX) ? podId.slice(POD_PREFIX.length) : podId;
+  return WORKLOAD_ID_PATTERN.test(id) ? id : null;
+}
+
+/** Which upstream request a parsed JSON body is, or null when it is not upstream-shaped (it has a `type`, or none of the keys). */
+export function upstreamKind(body: unknown): UpstreamKind | null {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return null;
+  const has = (k: string) => Object.hasOwn(body, k);
+  if (has('type')) return null;
+  // The same precedence as upstream's untagged enum: Spawn, then TopUp, then Status.
+  if (has('ssh_password') || has('pod_spec_id') || has('pod_image')) return 'spawn';
+  if (has('pod_npub') && has('cashu_token')) return 'topup';
+  if (has('pod_id')) return 'status';
+  return null;
+}
+
+/** v1 field names in validation messages → the upstream names the sender used. */
+function renameFields(err: RequestError): RequestError {
+  const msg = err.message.replace(/"root_password"/g, '"ssh_password"').replace(/"plan"/g, '"pod_spec_id"');
+  return new RequestError(err.code, msg);
+}
+
+function refuse(code: ErrorCode, message: string): ParseResult {
+  return { ok: false, error: new RequestError(code, message) };
+}
+
+function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>, maxBytes: number): ParseResult {
+  switch (kind) {
+    case 'topup':
+      return refuse('invalid_request', 'top-up is not supported: this provider takes no payment and does not extend leases');
+    case 'status': {
+      if (typeof body.pod_id !== 'string') return refuse('invalid_request', 'field "pod_id": must be a string');
+      const id = workloadIdOfPod(body.pod_id);
+      // Same answer as v1 for someone else's or a nonexistent workload: no hint either way.
+      if (!id) return refuse('not_found', 'no such pod for this key');
+      return parseRequest(JSON.stringify({ type: 'status', workload_id: id }), maxBytes);
+    }
+    case 'spawn': {
+      if (body.template_slug !== undefined && body.template_slug !== null) {
+        return refuse('invalid_request', 'field "template_slug": templates are not offered by this provider');
+      }
+      const v1: Record<string, unknown> = { type: 'spawn', version: 1, root_password: body.ssh_password };
+      if (body.pod_spec_id !== undefined && body.pod_spec_id !== null) v1.plan = body.pod_spec_id;
+      const parsed = parseRequest(JSON.stringify(v1), Number.MAX_SAFE_INTEGER);
+      return parsed.ok ? parsed : { ok: false, error: renameFields(parsed.error) };
+    }
+  }
+}
+
+/**
+ * Parse one DM's plaintext as a v1 request or an upstream-shaped one. Total:
+ * never throws. The dialect tells the caller which reply shape to use.
+ */
+export function parseAnyRequest(content: string, maxBytes: number): ParsedAny {
+  if (Buffer.byteLength(content, 'utf8') <= maxBytes) {
+    let body: unknown;
+    try {
+      body = JSON.parse(content);
+    } catch {
+      body = undefined;
+    }
+    const kind = upstreamKind(body);
+    if (kind) return { dialect: 'upstream', kind, ...fromUpstream(kind, body as Record<string, unknown>, maxBytes) };
+  }
+  return { dialect: 'v1', ...parseRequest(content, maxBytes) };
+}
+
+export interface UpstreamContext {
+  kind: UpstreamKind | undefined;
+  /** Plan descriptions for `pod_spec_description`. */
+  plans: ReadonlyArray<{ id: string; description: string }>;
+}
+
+/** Upstream's error kinds where they have one; otherwise the v1 code. */
+export function upstreamErrorType(code: ErrorCode, kind: UpstreamKind | undefined): string {
+  if (kind === 'topup') return 'topup_not_supported';
+  if (code === 'unknown_plan' || code === 'exceeds_plan') return 'invalid_spec';
+  return code;
+}
+
+/**
+ * A v1 reply with the upstream fields added. The v1 fields stay: upstream's
+ * client ignores unknown fields, and v1 clients keep matching on `type` and
+ * `request_id`. Replies without an upstream counterpart pass unchanged.
+ */
+export function toUpstreamReply(reply: Reply, ctx: UpstreamContext): Reply & Record<string, unknown> {
+  switch (reply.type) {
+    case 'access_details': {
+      const podId = podIdOf(reply.workload_id);
+      return {
+        ...reply,
+        pod_npub: podId,
+        node_port: reply.ssh_port,
+        cpu_millicores: reply.plan.vcpus * 1000,
+        memory_mb: reply.plan.memory_mb,
+        pod_spec_name: reply.plan.name,
+        pod_spec_description: ctx.plans.find((p) => p.id === reply.plan.id)?.description ?? '',
+        instructions: [
+          `ssh -p ${reply.ssh_port} root@${reply.host}`,
+          'Log in as root with the ssh_password you sent (ssh_username is not used by this provider).',
+          `The VM is deleted at ${reply.expires_at}.`,
+          `Status: send {"pod_id": "${podId}"}.`,
+        ],
+        host_address: reply.host,
+      };
+    }
+    case 'status':
+      return {
+        ...reply,
+        pod_id: podIdOf(reply.workload_id),
+        status: reply.state,
+        time_remaining_seconds: reply.seconds_left,
+        cpu_millicores: reply.plan.vcpus * 1000,
+        memory_mb: reply.plan.memory_mb,
+        ssh_host: reply.host,
+        ssh_username: 'root',
+      };
+    case 'error':
+      return { ...reply, error_type: upstreamErrorType(reply.code, ctx.kind), details: null };
+    default:
+      return reply as Reply & Record<string, unknown>;
+  }
+}
