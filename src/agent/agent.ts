@@ -8,7 +8,8 @@ import { randomBytes } from 'node:crypto';
 import type { ComputeDriver } from '../drivers/types.js';
 import { DriverError } from '../drivers/types.js';
 import { RequestError } from '../protocol/errors.js';
-import { parseRequest, type SpawnRequest, type StatusRequest, type StopRequest } from '../protocol/requests.js';
+import { type SpawnRequest, type StatusRequest, type StopRequest } from '../protocol/requests.js';
+import { parseAnyRequest, toUpstreamReply, type UpstreamKind } from '../protocol/upstream.js';
 import { errorReply, type AccessDetails, type PlanInfo, type Reply } from '../protocol/replies.js';
 import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
 import { Semaphore } from '../util/semaphore.js';
@@ -132,8 +133,11 @@ export class Agent {
     const log = this.log.child({ requestId: msg.requestId });
     const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
     let reply: Reply;
+    // Set for upstream-shaped (untyped) requests: the reply then carries upstream's field names too.
+    let upstream: UpstreamKind | undefined;
     try {
-      const parsed = parseRequest(msg.content, this.opts.maxContentBytes);
+      const parsed = parseAnyRequest(msg.content, this.opts.maxContentBytes);
+      if (parsed.dialect === 'upstream') upstream = parsed.kind;
       if (!parsed.ok) throw parsed.error;
       const req = parsed.request;
       log.info({ type: req.type, sender: msg.sender, channel: msg.channel, unwrapMs: msg.unwrapMs }, 'request');
@@ -151,6 +155,7 @@ export class Agent {
     } catch (err) {
       reply = this.toErrorReply(err, msg.requestId, log);
     }
+    if (upstream) reply = toUpstreamReply(reply, { kind: upstream, plans: this.opts.plans });
     const replyStarted = Date.now();
     try {
       await this.opts.outbox.send(route, reply);
