@@ -1,0 +1,39 @@
+/**
+ * `paygress-agent doctor` and the blocking checks `run` does at start: runs
+ * the checks for a loaded config, in a fixed order, and returns the rows.
+ */
+import type { Config } from '../config/schema.js';
+import { checkAccel, checkBaseImage, checkKeyFile, checkPorts, checkPublicHost, checkRelays, checkTools, checkWritableDir } from './checks.js';
+import type { CheckResult } from './report.js';
+
+export { hasBlocker, renderTable, type CheckResult, type CheckStatus } from './report.js';
+
+export interface DoctorOptions {
+  /** `doctor`: everything. `run`: no relay probes (relays may be down; the pool retries) and no kvm probe unless accel is kvm. */
+  mode: 'doctor' | 'run';
+  /** /dev/kvm unless a test says otherwise. */
+  kvmDevice?: string;
+  relayTimeoutMs?: number;
+}
+
+export async function runChecks(cfg: Config, opts: DoctorOptions): Promise<CheckResult[]> {
+  const kvm = cfg.drivers.kvm;
+  const rows: CheckResult[] = [];
+  const doctor = opts.mode === 'doctor';
+  // Relays are slow when down; start them first so they overlap the rest.
+  const relays = doctor ? checkRelays(cfg.relays, opts.relayTimeoutMs) : undefined;
+  if (kvm) {
+    rows.push(await checkAccel(kvm, { device: opts.kvmDevice, probeUnused: doctor }));
+    rows.push(...(await checkTools(kvm)));
+    rows.push(...(await checkBaseImage(kvm)));
+  }
+  rows.push(await checkKeyFile(cfg.provider.keyFile));
+  rows.push(await checkWritableDir('state dir', 'stateDir', cfg.stateDir));
+  if (kvm) {
+    rows.push(await checkWritableDir('vm dir', 'drivers.kvm.vmRoot', kvm.vmRoot));
+    rows.push(await checkPorts(kvm));
+  }
+  rows.push(checkPublicHost(cfg.provider.publicHost, kvm?.bindAddress));
+  if (relays) rows.push(...(await relays));
+  return rows;
+}
