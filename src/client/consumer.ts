@@ -90,7 +90,13 @@ export class ConsumerClient {
    */
   async request(
     request: Record<string, unknown> | string,
-    opts: { timeoutMs: number; done?: (r: ReplyMessage) => boolean; onProgress?: (r: ReplyMessage) => void },
+    opts: {
+      timeoutMs: number;
+      done?: (r: ReplyMessage) => boolean;
+      onProgress?: (r: ReplyMessage) => void;
+      /** Called once a relay accepted the request (progress displays). */
+      onSent?: (requestId: string) => void;
+    },
   ): Promise<ReplyMessage> {
     const done = opts.done ?? (() => true);
     // Listen before sending: a fast provider can answer before publish() returns.
@@ -99,6 +105,7 @@ export class ConsumerClient {
     const off = this.onReply((r) => (deliver ? deliver(r) : early.push(r)));
     try {
       const requestId = await this.send(request);
+      opts.onSent?.(requestId);
       return await new Promise<ReplyMessage>((resolve, reject) => {
         const timer = setTimeout(
           () => reject(new NoReplyError(`no reply from the provider within ${Math.round(opts.timeoutMs / 1000)} s`)),
