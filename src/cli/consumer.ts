@@ -13,17 +13,22 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ConsumerClient, NoReplyError, type ReplyMessage } from '../client/consumer.js';
-import { loadOrCreateKeyFile, npubOf, parsePublicKey, pubkeyOf } from '../nostr/keys.js';
+import { loadOrCreateKeyFile, npubOf, parsePublicKey, parseSecretKey, pubkeyOf } from '../nostr/keys.js';
+import { fetchDirectory, type ProviderEntry } from '../discovery/directory.js';
 
 const USAGE = `usage:
   paygress keygen                         make (or show) your key; prints your npub
+  paygress list   --relay URL             providers from offers and heartbeats (online = heartbeat
+                                          within 3 minutes), their tiers, plans and free capacity
   paygress spawn  --provider NPUB --relay URL [--plan ID] [--isolation LEVEL]
                   [--ssh-key-file FILE] [--password-stdin] [--wait-ready]
   paygress stop   --provider NPUB --relay URL WORKLOAD_ID
   paygress status --provider NPUB --relay URL WORKLOAD_ID
 
 common options:
-  --key FILE      your key file (default ~/.config/paygress/consumer.nsec, made 0600 if missing)
+  --key FILE      your key file holding an nsec or 64 hex (default ~/.config/paygress/consumer.nsec,
+                  made 0600 if missing); $PAYGRESS_NSEC (nsec or hex) overrides it. Never put a
+                  secret key on the command line. --provider takes an npub or 64 hex.
   --relay URL     a relay the provider listens on (repeatable)
   --nip04         use NIP-04 DMs instead of NIP-17 gift wraps
   --timeout SECS  how long to wait for the reply (default 60; 300 with --wait-ready)
@@ -32,7 +37,11 @@ common options:
 The root password is read from $PAYGRESS_ROOT_PASSWORD or stdin (--password-stdin);
 if neither is given a random one is generated and printed.
 
-exit codes: 0 ok, 2 the provider answered with an error, 3 no reply in time, 64 usage
+On a terminal, a progress line on stderr shows the phase (sending → sent → access details
+→ ready) and the time elapsed; --json prints one JSON object per line on stdout and no progress.
+
+exit codes: 0 ok, 1 unexpected failure (bad key, no relay reachable), 2 the provider answered
+with an error (or the VM failed to boot), 3 no reply in time, 64 usage
 `;
 
 const EXIT = { ok: 0, error_reply: 2, timeout: 3, usage: 64 } as const;
@@ -107,7 +116,8 @@ async function main(argv: string[]): Promise<number> {
     return values.help ? EXIT.ok : EXIT.usage;
   }
 
-  const sk = await loadOrCreateKeyFile(values.key, { create: true });
+  if (command === 'list') return list(values.relay ?? [], values.json ?? false, Number(values.timeout ?? 8) * 1000);
+  const sk = process.env.PAYGRESS_NSEC ? parseSecretKey(process.env.PAYGRESS_NSEC) : await loadOrCreateKeyFile(values.key, { create: true });
   if (command === 'keygen') {
     process.stdout.write(values.json ? `${JSON.stringify({ npub: npubOf(sk), pubkey: pubkeyOf(sk), key_file: values.key })}\n` : `${npubOf(sk)}\n`);
     return EXIT.ok;
@@ -147,18 +157,20 @@ async function main(argv: string[]): Promise<number> {
     relays: values.relay,
     channel: values.nip04 ? 'nip04' : 'nip17',
   });
-  const tty = process.stderr.isTTY && !values.json;
-  const started = Date.now();
+  const progress = process.stderr.isTTY && !values.json ? new Progress(command) : undefined;
   try {
     await client.start();
-    if (tty) process.stderr.write(`sent ${command}; waiting for the provider…\n`);
+    progress?.phase('sending');
     const final = await client.request(request, {
       timeoutMs,
       done: waitReady ? (r) => r.type === 'ready' || r.type === 'boot_failed' : undefined,
+      onSent: () => progress?.phase('sent, waiting for the provider'),
       onProgress: (r) => {
+        progress?.clear();
         if (r.type === 'access_details' && generatedPassword && !values.json) process.stdout.write(`root password: ${generatedPassword}\n`);
         printReply(generatedPassword && values.json && r.type === 'access_details' ? { ...r, root_password: generatedPassword } : r, values.json ?? false);
-        if (tty) process.stderr.write(`  (${((Date.now() - started) / 1000).toFixed(1)} s)\n`);
+        if (r.type === 'access_details' && waitReady) progress?.phase('access details received, waiting for the VM to boot');
+        else progress?.done(r.type);
       },
     });
     return final.type === 'error' || final.type === 'boot_failed' ? EXIT.error_reply : EXIT.ok;
@@ -169,8 +181,80 @@ async function main(argv: string[]): Promise<number> {
     }
     throw err;
   } finally {
+    progress?.stop();
     await client.close();
   }
+}
+
+/** One self-rewriting stderr line: what we wait for and for how long. Terminals only. */
+class Progress {
+  private readonly started = Date.now();
+  private current = '';
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(private readonly command: string) {
+    this.timer = setInterval(() => this.draw(), 250);
+    this.timer.unref();
+  }
+
+  private elapsed(): string {
+    return `${((Date.now() - this.started) / 1000).toFixed(1)} s`;
+  }
+
+  private draw(): void {
+    if (this.current) process.stderr.write(`\r\x1b[K${this.command}: ${this.current} (${this.elapsed()})`);
+  }
+
+  phase(text: string): void {
+    this.current = text;
+    this.draw();
+  }
+
+  /** Erase the line so a reply prints cleanly; the next draw puts it back. */
+  clear(): void {
+    if (this.current) process.stderr.write('\r\x1b[K');
+  }
+
+  /** A final reply arrived: leave a one-line record of how long it took. */
+  done(what: string): void {
+    this.current = '';
+    process.stderr.write(`${this.command}: ${what} after ${this.elapsed()}\n`);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.clear();
+    this.current = '';
+  }
+}
+
+async function list(relays: string[], json: boolean, timeoutMs: number): Promise<number> {
+  if (!relays.length) {
+    process.stderr.write('list needs at least one --relay\n');
+    return EXIT.usage;
+  }
+  const providers = await fetchDirectory(relays, { timeoutMs });
+  if (json) {
+    process.stdout.write(`${JSON.stringify(providers)}\n`);
+    return EXIT.ok;
+  }
+  if (!providers.length) process.stdout.write(`no providers found on ${relays.join(', ')}\n`);
+  for (const p of providers) process.stdout.write(describeProvider(p));
+  return EXIT.ok;
+}
+
+function describeProvider(p: ProviderEntry): string {
+  const seen = p.last_seen === null ? 'no heartbeat seen' : `last heartbeat ${Math.max(0, Math.floor(Date.now() / 1000) - p.last_seen)} s ago`;
+  const cap = p.available_capacity;
+  const lines = [
+    `${p.online ? 'online ' : 'offline'} ${p.npub}  ${p.name ?? '(no offer)'}${p.location ? ` (${p.location})` : ''}`,
+    `  isolation: ${p.isolation_level ?? '?'}  ${seen}${p.active_workloads === null ? '' : `, ${p.active_workloads} running`}`,
+  ];
+  if (cap) lines.push(`  free: ${cap.cpu_available / 1000} vCPU, ${cap.memory_mb_available} MB RAM, ${cap.storage_gb_available} GB disk`);
+  for (const s of p.specs) {
+    lines.push(`  plan ${s.id}: ${s.name}, ${s.cpu_millicores / 1000} vCPU, ${s.memory_mb} MB${s.rate_msats_per_sec ? `, ${s.rate_msats_per_sec} msat/s` : ''}`);
+  }
+  return `${lines.join('\n')}\n`;
 }
 
 main(process.argv.slice(2)).then(
