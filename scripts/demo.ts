@@ -52,6 +52,8 @@ async function main(): Promise<void> {
           initrd: guest.initrd,
           ...(guest.append ? { append: guest.append } : {}),
           readiness: tiny ? 'ssh-banner' : 'cloud-init',
+          // Under TCG a cloud-init boot takes 60-120 s on an idle 2-core host, longer on a busy one.
+          readyTimeoutMs: 600_000,
           bindAddress: '127.0.0.1',
           portRange: { from: 44000, to: 44099 },
         },
@@ -69,13 +71,17 @@ async function main(): Promise<void> {
   const secs = () => `${((Date.now() - started) / 1000).toFixed(1)} s`;
   let id: string | undefined;
   let stoppedOk = false;
+  let ticker: NodeJS.Timeout | undefined;
   try {
     say('consumer sends a spawn DM (NIP-17 gift wrap) carrying the root password');
+    ticker = tiny
+      ? undefined
+      : setInterval(() => process.stdout.write(`  … guest booting under TCG (${secs()})\n`), 15_000);
     let access: ReplyMessage | undefined;
     const final = await consumer.request(
       { type: 'spawn', version: 1, root_password: password },
       {
-        timeoutMs: 300_000,
+        timeoutMs: 660_000,
         done: (r) => tiny || r.type === 'ready' || r.type === 'boot_failed',
         onProgress: (r) => {
           if (r.type === 'access_details') access = r;
@@ -83,6 +89,7 @@ async function main(): Promise<void> {
         },
       },
     );
+    clearInterval(ticker);
     if (!access || final.type === 'error' || final.type === 'boot_failed') throw new Error(`spawn failed: ${JSON.stringify(final)}`);
     id = access.workload_id as string;
 
@@ -103,6 +110,7 @@ async function main(): Promise<void> {
     say(`reply after ${secs()}: ${JSON.stringify(stopped)}`);
     stoppedOk = stopped.type === 'stopped';
   } finally {
+    clearInterval(ticker);
     // The agent leaves VMs running when it stops (by design); the demo must not.
     if (id && !stoppedOk) await consumer.request({ type: 'stop', workload_id: id }, { timeoutMs: 60_000 }).catch(() => undefined);
     await consumer.close();
