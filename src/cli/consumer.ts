@@ -176,6 +176,7 @@ async function main(argv: string[]): Promise<number> {
     return final.type === 'error' || final.type === 'boot_failed' ? EXIT.error_reply : EXIT.ok;
   } catch (err) {
     if (err instanceof NoReplyError) {
+      progress?.stop();
       process.stderr.write(`${err.message}: is the provider online and listening on ${values.relay.join(', ')}?\n`);
       return EXIT.timeout;
     }
