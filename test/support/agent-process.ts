@@ -10,6 +10,8 @@ import { generateSecretKey, getPublicKey } from 'nostr-tools';
 import { nsecEncode } from 'nostr-tools/nip19';
 
 const AGENT_CLI = new URL('../../src/cli/agent.ts', import.meta.url).pathname;
+/** The CLI as `npm run build` (tsc) emits it; what an installed package runs. */
+export const COMPILED_AGENT_CLI = new URL('../../dist/src/cli/agent.js', import.meta.url).pathname;
 
 export interface GuestPaths {
   kernel?: string;
@@ -29,6 +31,12 @@ export interface AgentProcessOptions {
   sk?: Uint8Array;
   /** Deep-merged over the generated config. */
   overrides?: Record<string, unknown>;
+  /**
+   * Run the compiled CLI (COMPILED_AGENT_CLI, after `npm run build`) with plain
+   * `node` instead of the TypeScript source under tsx: no loader in the process,
+   * as in production (the bench measures memory this way).
+   */
+  compiled?: boolean;
 }
 
 export interface AgentProcess {
@@ -76,6 +84,8 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
         { id: 'cloud', name: 'Cloud', description: 'cloud-init guest', vcpus: 2, memoryMb: 1024, diskGb: 4, durationSeconds: 3600 },
       ],
       defaultPlan: 'tiny',
+      // Tests send bursts from one key and hold many VMs; the limits tests set their own.
+      limits: { ratePerMinute: 6000, rateBurst: 1000, maxVmsPerSender: 20, maxVms: 40, maxSpawnsInFlight: 8 },
       drivers: {
         kvm: {
           accel: 'tcg',
@@ -99,7 +109,8 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
 
   let out = '';
   const waiters = new Set<() => void>();
-  const proc = execa('node', ['--import', 'tsx', AGENT_CLI, 'run', '--config', configPath], {
+  const cli = opts.compiled ? [COMPILED_AGENT_CLI] : ['--import', 'tsx', AGENT_CLI];
+  const proc = execa('node', [...cli, 'run', '--config', configPath], {
     reject: false,
     stdin: 'ignore',
     all: true,
