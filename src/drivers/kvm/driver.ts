@@ -121,27 +121,36 @@ export class KvmDriver implements ComputeDriver {
       // mkdir's mode is filtered by the umask; make it exactly 0700.
       await chmod(dir, 0o700);
 
-      let t = Date.now();
-      await this.createOverlay(dir, spec.diskGb);
-      log.info({ phase: 'overlay', ms: Date.now() - t }, 'disk overlay created');
-
-      t = Date.now();
+      // Overlay and seed are independent: qemu-img runs while the password is
+      // hashed and the ISO written. Both are awaited before anything else, so a
+      // failure of either leaves no step running when the cleanup below removes
+      // the directory.
       const uuid = randomUUID();
       const readyToken = randomBytes(12).toString('base64url');
-      // The plaintext password lives only in `spec`; from here on only its hash exists.
-      const files = buildCloudConfig({
-        hostname: spec.hostname,
-        passwordHash: hashPassword(spec.rootPassword),
-        sshKeys: spec.sshKeys,
-        finalMessageToken: readyToken,
-        instanceId: `${id}-${uuid}`,
+      const overlayStart = Date.now();
+      const overlay = this.createOverlay(dir, spec.diskGb).then(() => {
+        log.info({ phase: 'overlay', ms: Date.now() - overlayStart }, 'disk overlay created');
       });
-      try {
-        await writeSeedIso({ dir, isoTool: config.isoTool, files, output: vmFile(dir, 'seed') });
-      } catch (err) {
-        throw new DriverError('internal', 'seed ISO creation failed', tail(errText(err)));
-      }
-      log.info({ phase: 'seed', ms: Date.now() - t }, 'seed ISO written');
+      const seed = (async () => {
+        const seedStart = Date.now();
+        // The plaintext password lives only in `spec`; from here on only its hash exists.
+        const files = buildCloudConfig({
+          hostname: spec.hostname,
+          passwordHash: hashPassword(spec.rootPassword),
+          sshKeys: spec.sshKeys,
+          finalMessageToken: readyToken,
+          instanceId: `${id}-${uuid}`,
+        });
+        try {
+          await writeSeedIso({ dir, isoTool: config.isoTool, files, output: vmFile(dir, 'seed') });
+        } catch (err) {
+          throw new DriverError('internal', 'seed ISO creation failed', tail(errText(err)));
+        }
+        log.info({ phase: 'seed', ms: Date.now() - seedStart }, 'seed ISO written');
+      })();
+      const [overlayDone, seedDone] = await Promise.allSettled([overlay, seed]);
+      if (overlayDone.status === 'rejected') throw overlayDone.reason;
+      if (seedDone.status === 'rejected') throw seedDone.reason;
 
       const accel = await this.resolvedAccel();
       const tried = new Set<number>();
@@ -165,7 +174,7 @@ export class KvmDriver implements ComputeDriver {
           initrd: config.initrd,
           append: config.append,
         });
-        t = Date.now();
+        const t = Date.now();
         const res = await execa(config.qemuBinary, argv, {
           stdin: 'ignore',
           stdout: 'ignore',
@@ -193,7 +202,7 @@ export class KvmDriver implements ComputeDriver {
         throw new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
       }
 
-      t = Date.now();
+      const t = Date.now();
       pid = await waitForPidfile(vmFile(dir, 'pidfile'), config.pidfileTimeoutMs);
       if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
       if (!(await isVmProcess(pid, name))) {
