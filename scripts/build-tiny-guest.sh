@@ -14,8 +14,16 @@ set -euo pipefail
 
 CACHE_DIR="${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}"
 OUT_DIR="$CACHE_DIR/guests/tiny"
+# Bump when /init changes: a cached build with another version is rebuilt.
+# Keep in step with TINY_GUEST_VERSION in test/support/tiny-guest.ts.
+# 2: paygress.probe=ADDR:PORT connection probes (test/integration/guest-network.test.ts).
+GUEST_VERSION=2
 
-if [[ -f "$OUT_DIR/vmlinuz" && -f "$OUT_DIR/initrd.img" && -f "$OUT_DIR/base.qcow2" ]]; then
+complete() {
+  [[ -f "$1/vmlinuz" && -f "$1/initrd.img" && -f "$1/base.qcow2" && "$(cat "$1/version" 2>/dev/null)" == "$GUEST_VERSION" ]]
+}
+
+if complete "$OUT_DIR"; then
   echo "$OUT_DIR"
   exit 0
 fi
@@ -124,6 +132,24 @@ ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 nc -ll -p 22 -e /bin/banner &
 echo "paygress-tiny-guest: up hostname=$(hostname)"
+# paygress.probe=ADDR:PORT (repeatable): try to connect from the guest and
+# print what the other end sent, e.g. whether the host's loopback services are
+# reachable through the gateway. ADDR 127.x is routed out through eth0 (what a
+# hostile guest could do), not to the guest's own loopback.
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in paygress.probe=*)
+    t="${arg#paygress.probe=}"; h="${t%:*}"; p="${t##*:}"
+    case "$h" in 127.*)
+      sysctl -qw net.ipv4.conf.eth0.route_localnet=1
+      ip route del local 127.0.0.0/8 dev lo table local 2>/dev/null
+      ip route del local 127.0.0.1 dev lo table local 2>/dev/null
+      ip route replace "$h" via 10.0.2.2 dev eth0 ;;
+    esac
+    r="$( (sleep 4) | nc -w 4 "$h" "$p" 2>&1 | head -c 120 | tr -d '\r\n')"
+    echo "paygress-probe: $t -> ${r:-nothing}"
+  esac
+done
+echo "paygress-probe: done"
 # PID 1 must not exit.
 while true; do sleep 3600; done
 EOF
@@ -139,9 +165,10 @@ STAGE="$CACHE_DIR/guests/.tiny-out.$$"
 mkdir -p "$STAGE"
 mv "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/base.qcow2" "$STAGE/"
 echo "$KVER" >"$STAGE/kernel-version"
+echo "$GUEST_VERSION" >"$STAGE/version"
 # Another build may have won the race: keep a complete output that appeared
-# meanwhile; replace only an incomplete leftover.
-if [[ -f "$OUT_DIR/vmlinuz" && -f "$OUT_DIR/initrd.img" && -f "$OUT_DIR/base.qcow2" ]]; then
+# meanwhile; replace only an incomplete or outdated leftover.
+if complete "$OUT_DIR"; then
   rm -rf "$STAGE"
 else
   rm -rf "$OUT_DIR"

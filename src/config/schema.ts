@@ -53,6 +53,14 @@ export const KvmConfigSchema = z.object({
   append: z.string().optional(),
   /** Address the forwarded SSH ports listen on. */
   bindAddress: z.string().default('0.0.0.0'),
+  /**
+   * Guest network, see docs/security.md. `restricted`: SSH forward only, the
+   * guest can open no connection (not to the host's 127.0.0.1). `user`: also
+   * outbound, and the guest reaches the host's loopback at 10.0.2.2. `passt`:
+   * outbound without the host's loopback; needs a passt newer than Debian 12's for the SSH forward.
+   */
+  network: z.enum(['restricted', 'user', 'passt']).default('restricted'),
+  passtBinary: z.string().default('passt'),
   portRange: z
     .object({ from: z.number().int().min(1024).max(65535), to: z.number().int().min(1024).max(65535) })
     .refine((r) => r.from <= r.to, 'from must be <= to')

@@ -5,7 +5,7 @@
  * booted a guest and hostfwd reaches it", not SSH login. Built once into the
  * user cache, outside the repo.
  */
-import { statSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -28,6 +28,8 @@ export const TINY_GUEST_MARKER = 'paygress-tiny-guest: up';
 /** The first line the fake sshd sends. */
 export const TINY_GUEST_BANNER = 'SSH-2.0-paygress-tiny';
 export const TINY_GUEST_APPEND = 'console=ttyS0 quiet';
+/** GUEST_VERSION in scripts/build-tiny-guest.sh: an older cached build is rebuilt. */
+export const TINY_GUEST_VERSION = '2';
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const TINY_GUEST_BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build-tiny-guest.sh');
@@ -55,7 +57,13 @@ function nonEmptyFile(path: string): boolean {
 }
 
 export function tinyGuestBuilt(paths: TinyGuest = tinyGuestPaths()): boolean {
-  return [paths.kernel, paths.initrd, paths.baseImage].every(nonEmptyFile);
+  let version = '';
+  try {
+    version = readFileSync(join(paths.dir, 'version'), 'utf8').trim();
+  } catch {
+    return false;
+  }
+  return version === TINY_GUEST_VERSION && [paths.kernel, paths.initrd, paths.baseImage].every(nonEmptyFile);
 }
 
 /** The guest's paths, building it first (apt-get download + cpio, a few seconds) if any output is missing. */

@@ -33,6 +33,14 @@ export interface QemuArgs {
   append?: string;
   /** Add `-sandbox` (seccomp). Default true. */
   sandbox?: boolean;
+  /**
+   * `user`: qemu's user-mode network with `hostfwd` (the guest can reach the
+   * host's loopback at 10.0.2.2). `restricted`: the same with `restrict=on`:
+   * the SSH hostfwd still works, every guest-initiated connection is dropped.
+   * `passt`: connect to the workload's passt socket, which owns the SSH
+   * forward. Default `user`; the driver picks.
+   */
+  network?: 'user' | 'restricted' | 'passt';
 }
 
 /** Files the driver and the argv agree on, relative to the workload dir. */
@@ -42,6 +50,9 @@ export const VM_FILES = {
   pidfile: 'qemu.pid',
   serialLog: 'serial.log',
   meta: 'vm.json',
+  passtSocket: 'passt.sock',
+  passtPidfile: 'passt.pid',
+  passtLog: 'passt.log',
 } as const;
 
 export function vmFile(dir: string, file: keyof typeof VM_FILES): string {
@@ -79,7 +90,10 @@ export function buildQemuArgv(a: QemuArgs): string[] {
     '-serial', 'chardev:serial0',
     '-drive', `file=${opt(vmFile(a.dir, 'disk'))},if=virtio,format=qcow2,cache=writeback`,
     '-drive', `file=${opt(vmFile(a.dir, 'seed'))},if=virtio,format=raw,readonly=on`,
-    '-netdev', `user,id=net0,hostfwd=tcp:${opt(a.bindAddress)}:${a.sshPort}-:22`,
+    '-netdev', a.network === 'passt'
+      // passt listens on the SSH port itself; qemu only talks to its socket.
+      ? `stream,id=net0,server=off,addr.type=unix,addr.path=${opt(vmFile(a.dir, 'passtSocket'))}`
+      : `user,id=net0,${a.network === 'restricted' ? 'restrict=on,' : ''}hostfwd=tcp:${opt(a.bindAddress)}:${a.sshPort}-:22`,
     '-device', 'virtio-net-pci,netdev=net0',
   ];
   if (a.kernel !== undefined) {

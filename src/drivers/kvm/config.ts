@@ -36,6 +36,19 @@ export interface KvmDriverConfig {
    * banner alone, for images without cloud-init.
    */
   readiness: 'cloud-init' | 'ssh-banner';
+  /**
+   * Guest network (docs/security.md). `restricted` (default): qemu user-mode
+   * network with `restrict=on`; the SSH hostfwd works, the guest cannot open
+   * any connection (not to the host's loopback, not to the internet).
+   * `user`: qemu user-mode network with hostfwd; the guest has outbound access
+   * and reaches the host's 127.0.0.1 at 10.0.2.2. `passt`: one passt per VM
+   * with `--no-map-gw`: outbound access without the host's loopback, but
+   * Debian 12's passt (git20230309) does not complete inbound TCP to the
+   * guest, so the SSH forward needs a newer passt.
+   */
+  network?: 'restricted' | 'user' | 'passt';
+  /** e.g. `passt`. */
+  passtBinary?: string;
 }
 
 /** Defaults the agent's config schema can reuse; vmRoot and baseImage have none. */
@@ -50,4 +63,6 @@ export const KVM_DRIVER_DEFAULTS = {
   namePrefix: 'paygress-',
   pidfileTimeoutMs: 15_000,
   stopTimeoutMs: 10_000,
+  network: 'restricted',
+  passtBinary: 'passt',
 } as const satisfies Partial<KvmDriverConfig>;

@@ -23,6 +23,7 @@ import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { findVmPids, isAlive, isVmProcess, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { writeSeedIso } from './seed.js';
 import { probeHost, probeSshBanner, readConsoleTail } from './readiness.js';
 
@@ -161,6 +162,14 @@ export class KvmDriver implements ComputeDriver {
         const meta: VmMeta = { id, name, uuid, sshPort: port, createdAt: new Date().toISOString(), readyToken };
         await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
 
+        if (this.network === 'passt' && (await this.startPasst(dir, port, log)) === 'port-taken') {
+          if (attempt >= PORT_TRIES) throw new DriverError('launch_failed', `passt could not bind SSH port ${port}`);
+          log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
+          this.ports.release(port);
+          port = undefined;
+          continue;
+        }
+
         const argv = buildQemuArgv({
           accel,
           name,
@@ -173,6 +182,7 @@ export class KvmDriver implements ComputeDriver {
           kernel: config.kernel,
           initrd: config.initrd,
           append: config.append,
+          network: this.network,
         });
         const t = Date.now();
         const res = await execa(config.qemuBinary, argv, {
@@ -250,6 +260,57 @@ export class KvmDriver implements ComputeDriver {
     if (fromFile !== undefined) pids.add(fromFile);
     for (const p of await findVmPids(name)) pids.add(p);
     for (const p of pids) await stopVmProcess(p, name, this.config.stopTimeoutMs);
+    // Whatever the configured mode is now: the VM may date from another one.
+    await stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), this.config.stopTimeoutMs);
+  }
+
+  private get network(): 'restricted' | 'user' | 'passt' {
+    return this.config.network ?? 'restricted';
+  }
+
+  /**
+   * Start this VM's passt (it daemonizes once its socket and the SSH port are
+   * bound) and check the pidfile names it. 'port-taken' when the SSH port is
+   * held by someone else; the caller tries the next one.
+   */
+  private async startPasst(dir: string, port: number, log: Logger): Promise<'ok' | 'port-taken'> {
+    const socket = vmFile(dir, 'passtSocket');
+    const pidfile = vmFile(dir, 'passtPidfile');
+    // Leftovers of a previous attempt (its passt is already stopped) would be mistaken for this one's.
+    await rm(socket, { force: true });
+    await rm(pidfile, { force: true });
+    const uid = process.getuid?.();
+    const gid = process.getgid?.();
+    const argv = buildPasstArgv({
+      socket,
+      pidfile,
+      logFile: vmFile(dir, 'passtLog'),
+      bindAddress: this.config.bindAddress,
+      sshPort: port,
+      runAs: uid === 0 && gid !== undefined ? { uid, gid } : undefined,
+    });
+    const t = Date.now();
+    const res = await execa(this.config.passtBinary ?? 'passt', argv, {
+      stdin: 'ignore',
+      stdout: 'ignore',
+      stderr: 'pipe',
+      reject: false,
+      timeout: this.config.pidfileTimeoutMs,
+    });
+    log.info({ phase: 'passt', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'passt launcher returned');
+    if (res.exitCode !== 0) {
+      await stopPasst(socket, pidfile, this.config.stopTimeoutMs);
+      const stderr = tail(res.stderr as string | undefined);
+      if (stderr.includes(PASST_PORT_TAKEN)) return 'port-taken';
+      if (res.timedOut) throw new DriverError('timeout', 'passt did not start in time', stderr);
+      throw new DriverError('launch_failed', `passt could not be started: ${res.shortMessage ?? `exit code ${res.exitCode}`}`, stderr);
+    }
+    const pid = await waitForPidfile(pidfile, this.config.pidfileTimeoutMs);
+    if (pid === undefined || !(await isPasstProcess(pid, socket))) {
+      await stopPasst(socket, pidfile, this.config.stopTimeoutMs);
+      throw new DriverError('launch_failed', 'passt did not stay up (no pidfile or wrong process)');
+    }
+    return 'ok';
   }
 
   destroy(id: string): Promise<void> {

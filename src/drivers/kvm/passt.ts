@@ -1,0 +1,153 @@
+/**
+ * passt: the default network back end of a workload. One passt process per VM
+ * owns the guest's network and the forwarded SSH port; qemu connects to it
+ * through a unix socket in the workload directory (`-netdev stream`).
+ *
+ * Why: with qemu's user-mode network (slirp) the guest reaches the host's
+ * loopback at 10.0.2.2, i.e. every service that binds 127.0.0.1 "because it is
+ * private". passt with `--no-map-gw` does not map the gateway to the host's
+ * loopback, so those services stay private (tested in
+ * test/integration/guest-network.test.ts).
+ *
+ * `buildPasstArgv` is pure; the rest is process plumbing in the same style as
+ * process.ts (pidfile, /proc identity check before any signal).
+ */
+import { readdir } from 'node:fs/promises';
+import path from 'node:path';
+import { isAlive, processArgv, readPidfile, waitForExit } from './process.js';
+
+/** What passt prints (and exits 1 with) when the forwarded port is taken. */
+export const PASST_PORT_TAKEN = 'Failed to bind any port';
+
+/**
+ * The guest sees the same addresses as under qemu's user-mode network, so an
+ * image (or the tiny test guest's static config) behaves the same in both
+ * modes: 10.0.2.15/24, gateway 10.0.2.2, DNS 10.0.2.3 (forwarded to the
+ * host's resolver, port 53 only).
+ */
+export const PASST_GUEST = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: '10.0.2.3' } as const;
+
+/** sun_path is 108 bytes including the terminating NUL. */
+const SUN_PATH_MAX = 107;
+
+export interface PasstArgs {
+  /** Unix socket qemu connects to. */
+  socket: string;
+  pidfile: string;
+  logFile: string;
+  bindAddress: string;
+  sshPort: number;
+  /**
+   * `--runas UID:GID`. passt started as root drops to `nobody` by default,
+   * which then cannot write its pidfile into the 0700 workload directory;
+   * the driver passes its own ids when it runs as root. Unset otherwise.
+   */
+  runAs?: { uid: number; gid: number };
+}
+
+// eslint-disable-next-line no-control-regex
+const BAD_CHARS = /[\u0000-\u001f\u007f]/;
+
+function absPath(p: string, what: string): string {
+  if (!path.isAbsolute(p)) throw new RangeError(`${what} must be absolute`);
+  if (BAD_CHARS.test(p)) throw new RangeError(`control character in ${what}`);
+  return p;
+}
+
+export function buildPasstArgv(a: PasstArgs): string[] {
+  const socket = absPath(a.socket, 'socket');
+  if (Buffer.byteLength(socket) > SUN_PATH_MAX) {
+    throw new RangeError(`passt socket path longer than ${SUN_PATH_MAX} bytes: use a shorter vmRoot`);
+  }
+  if (!Number.isInteger(a.sshPort) || a.sshPort < 1 || a.sshPort > 65535) throw new RangeError('sshPort out of range');
+  // passt splits the spec on '/', ':', ',', '-', '~' and '%': an address containing any of
+  // those other than an IPv6 colon would change its meaning, so only plain IPs are accepted.
+  if (!/^(\d{1,3}(\.\d{1,3}){3}|[0-9a-fA-F:]+)$/.test(a.bindAddress)) {
+    throw new RangeError('bindAddress must be a literal IPv4 or IPv6 address for passt');
+  }
+  const argv = [
+    '--quiet',
+    // Quit when qemu disconnects: passt's lifetime follows the VM's even if
+    // qemu dies without the agent noticing.
+    '--one-off',
+    '--socket', socket,
+    '--pid', absPath(a.pidfile, 'pidfile'),
+    '--log-file', absPath(a.logFile, 'logFile'),
+    // The point of this mode: traffic to the gateway is not mapped to the host's loopback.
+    '--no-map-gw',
+    '--address', PASST_GUEST.address,
+    '--netmask', String(PASST_GUEST.prefix),
+    '--gateway', PASST_GUEST.gateway,
+    '--dns', PASST_GUEST.dns,
+    '--dns-forward', PASST_GUEST.dns,
+    // Inbound: only the SSH forward, on the configured address only.
+    '--tcp-ports', `${a.bindAddress}/${a.sshPort}:22`,
+    '--udp-ports', 'none',
+  ];
+  if (a.runAs) {
+    if (!Number.isInteger(a.runAs.uid) || !Number.isInteger(a.runAs.gid) || a.runAs.uid < 0 || a.runAs.gid < 0) {
+      throw new RangeError('runAs ids must be non-negative integers');
+    }
+    argv.push('--runas', `${a.runAs.uid}:${a.runAs.gid}`);
+  }
+  return argv;
+}
+
+/**
+ * Whether `argv` is the passt serving `socket`. The socket lives in the
+ * workload directory, so it names exactly one VM. (passt rewrites some of its
+ * own argv in place, e.g. `--runas 0:0` shows as `0 0`; the socket path is
+ * left alone.)
+ */
+export function argvIsPasstFor(argv: readonly string[], socket: string): boolean {
+  for (let i = 0; i < argv.length - 1; i++) {
+    if ((argv[i] === '--socket' || argv[i] === '-s') && argv[i + 1] === socket) return true;
+  }
+  return false;
+}
+
+export async function isPasstProcess(pid: number, socket: string): Promise<boolean> {
+  const argv = await processArgv(pid);
+  return argv !== undefined && argvIsPasstFor(argv, socket);
+}
+
+/** Every live passt serving `socket` (finds one whose pidfile is gone). */
+export async function findPasstPids(socket: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (pid === process.pid) continue;
+    if (await isPasstProcess(pid, socket)) pids.push(pid);
+  }
+  return pids;
+}
+
+function signal(pid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(pid, sig);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
+}
+
+/**
+ * Stop every passt of this socket (pidfile's pid and any found by scan):
+ * SIGTERM, then SIGKILL after `timeoutMs`; a pid is signalled only while its
+ * cmdline still names this socket.
+ */
+export async function stopPasst(socket: string, pidfile: string, timeoutMs: number): Promise<void> {
+  const pids = new Set(await findPasstPids(socket));
+  const fromFile = await readPidfile(pidfile);
+  if (fromFile !== undefined) pids.add(fromFile);
+  for (const pid of pids) {
+    if (!(await isPasstProcess(pid, socket))) continue;
+    signal(pid, 'SIGTERM');
+    if (await waitForExit(pid, timeoutMs)) continue;
+    if (!(await isPasstProcess(pid, socket))) continue;
+    signal(pid, 'SIGKILL');
+    if (!(await waitForExit(pid, 5_000)) && (await isAlive(pid))) {
+      throw new Error(`passt ${pid} (${socket}) survived SIGKILL`);
+    }
+  }
+}
