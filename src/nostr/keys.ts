@@ -7,9 +7,10 @@
 import { constants as fsc } from 'node:fs';
 import { mkdir, open, writeFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { generateSecretKey, getPublicKey } from 'nostr-tools';
+import { generateSecretKey, getPublicKey } from 'nostr-tools/pure';
 import { decode, npubEncode, nsecEncode } from 'nostr-tools/nip19';
 import { bytesToHex, hexToBytes } from '@noble/hashes/utils.js';
+import { fastPublicKey } from './fast-crypto.js';
 
 export { generateSecretKey };
 
@@ -74,7 +75,8 @@ export function parsePublicKey(s: string): string {
 }
 
 export function pubkeyOf(sk: Uint8Array): string {
-  return getPublicKey(sk);
+  // Node's native secp256k1: nostr-tools' getPublicKey builds ~6 MB of JS precomputed tables on first use.
+  return fastPublicKey(sk);
 }
 
 export function npubOf(pubkeyHexOrSk: string | Uint8Array): string {

@@ -14,7 +14,7 @@
  * Nothing here logs event content: ids, kinds and relay URLs only.
  */
 import WebSocket from 'ws';
-import { matchFilters, type Filter } from 'nostr-tools';
+import { matchFilters, type Filter } from 'nostr-tools/filter';
 import { verifySignedEvent } from './fast-crypto.js';
 import type { Logger } from '../util/logger.js';
 import type { NostrEvent } from './types.js';
