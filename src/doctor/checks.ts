@@ -219,7 +219,8 @@ export async function checkWritableDir(label: string, field: string, dir: string
       }
       break;
     }
-    if (st.code !== 'ENOENT') {
+    // ENOTDIR: some ancestor is a file; walking up finds it and says so.
+    if (st.code !== 'ENOENT' && st.code !== 'ENOTDIR') {
       return { name: label, status: 'fail', detail: `${probe}: ${st.code ?? st.message}`, fix: `set ${field} to a directory the agent's user can write` };
     }
     const parent = path.dirname(probe);
