@@ -170,6 +170,11 @@ export class KvmDriver implements ComputeDriver {
           continue;
         }
 
+        // qemu creates the serial log 0640 (its daemonize sets umask 027);
+        // an existing file keeps its mode, so make it 0600 first.
+        await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
+        await chmod(vmFile(dir, 'serialLog'), 0o600);
+
         const argv = buildQemuArgv({
           accel,
           name,
