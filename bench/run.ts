@@ -85,7 +85,7 @@ function password(): string {
   return randomBytes(15).toString('base64url');
 }
 
-function procStatusKb(pid: number, field: 'VmRSS' | 'VmHWM'): number {
+function procStatusKb(pid: number, field: 'VmRSS' | 'VmHWM' | 'RssAnon' | 'RssFile'): number {
   const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
   if (!m) throw new Error(`no ${field} for pid ${pid}`);
   return Number(m[1]);
@@ -458,6 +458,8 @@ async function main(): Promise<void> {
   // B4 (idle): connected, nothing to do for a few seconds.
   await sleep(3_000);
   const rssIdleKb = procStatusKb(agentPid, 'VmRSS');
+  // File-backed pages are mostly the node binary's own code, shared with every node process.
+  const rssIdleSplit = { anon_mb: r1(procStatusKb(agentPid, 'RssAnon') / 1024), file_mb: r1(procStatusKb(agentPid, 'RssFile') / 1024) };
   console.error(`bench: B4 idle RSS ${r1(rssIdleKb / 1024)} MB`);
 
   // B1 + B5: sequential spawn → stop, interleaved with the floor.
@@ -498,6 +500,7 @@ async function main(): Promise<void> {
   const live = await Promise.all(burstClients.slice(0, LIVE_LEASES).map((c) => spawnOnce(ctx, c)));
   await sleep(2_000);
   const rssLeasesKb = procStatusKb(agentPid, 'VmRSS');
+  const rssLeasesSplit = { anon_mb: r1(procStatusKb(agentPid, 'RssAnon') / 1024), file_mb: r1(procStatusKb(agentPid, 'RssFile') / 1024) };
   console.error(`bench: B4 RSS with ${LIVE_LEASES} leases ${r1(rssLeasesKb / 1024)} MB`);
   await Promise.all(live.map((s, i) => stopOnce(ctx, burstClients[i]!, s.workloadId)));
   const rssPeakKb = procStatusKb(agentPid, 'VmHWM');
@@ -559,6 +562,8 @@ async function main(): Promise<void> {
       rss_with_leases_mb: r1(rssLeasesKb / 1024),
       leases: LIVE_LEASES,
       peak_rss_mb: r1(rssPeakKb / 1024),
+      idle_split: rssIdleSplit,
+      leases_split: rssLeasesSplit,
       note: FROM_SOURCE
         ? 'agent child process (node --import tsx src/cli/agent.ts), /proc/<pid>/status'
         : 'agent child process (node dist/src/cli/agent.js, built by tsc), /proc/<pid>/status',
