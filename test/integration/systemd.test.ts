@@ -174,6 +174,16 @@ describe('systemd unit, sysusers and tmpfiles', () => {
       agent?.kill('SIGTERM');
       await agent?.catch(() => undefined);
       await relay?.stop();
+      // VMs outlive the agent by design: a test that failed before its stop leaves one behind.
+      const vms = root ? join(root, 'state', 'vms') : undefined;
+      for (const id of vms && safeExists(vms) ? readdirSync(vms) : []) {
+        try {
+          const pid = Number(readFileSync(join(vms!, id, 'qemu.pid'), 'utf8').trim() || 0);
+          if (pid > 1 && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(join(vms!, id))) process.kill(pid, 'SIGKILL');
+        } catch {
+          // no pidfile or already gone
+        }
+      }
     });
 
     it('starts, spawns a VM whose qemu runs as the service user with private files, and stops it', async () => {
