@@ -84,14 +84,16 @@ async function main(): Promise<void> {
         timeoutMs: 660_000,
         done: (r) => tiny || r.type === 'ready' || r.type === 'boot_failed',
         onProgress: (r) => {
-          if (r.type === 'access_details') access = r;
+          if (r.type === 'access_details') {
+            access = r;
+            id = r.workload_id as string; // from here on, a failure must stop this VM
+          }
           say(`reply after ${secs()}: ${JSON.stringify(r, null, 2)}`);
         },
       },
     );
     clearInterval(ticker);
     if (!access || final.type === 'error' || final.type === 'boot_failed') throw new Error(`spawn failed: ${JSON.stringify(final)}`);
-    id = access.workload_id as string;
 
     if (!tiny) {
       say(`ssh -p ${access.ssh_port} root@${access.host} (password from the DM)`);
@@ -106,7 +108,7 @@ async function main(): Promise<void> {
     }
 
     say('consumer sends a stop DM');
-    const stopped = await consumer.request({ type: 'stop', version: 1, workload_id: id }, { timeoutMs: 60_000 });
+    const stopped = await consumer.request({ type: 'stop', version: 1, workload_id: access.workload_id }, { timeoutMs: 60_000 });
     say(`reply after ${secs()}: ${JSON.stringify(stopped)}`);
     stoppedOk = stopped.type === 'stopped';
   } finally {
