@@ -8,11 +8,12 @@ export type { Logger };
  * Paths pino must censor wherever they appear. Secrets should never reach a log
  * call in the first place; this is the second line of defence.
  */
-export const REDACT_PATHS = [
-  'password', '*.password', 'rootPassword', '*.rootPassword', 'root_password', '*.root_password',
-  'ssh_password', '*.ssh_password', 'secretKey', '*.secretKey', 'sk', '*.sk', 'nsec', '*.nsec',
-  'content', '*.content', 'cashu_token', '*.cashu_token', 'token', '*.token',
+const SECRET_KEYS = [
+  'password', 'rootPassword', 'root_password', 'ssh_password', 'secretKey', 'sk', 'nsec',
+  'content', 'cashu_token', 'token',
 ];
+/** Each secret key at the top level and up to two objects deep. */
+export const REDACT_PATHS = SECRET_KEYS.flatMap((k) => [k, `*.${k}`, `*.*.${k}`]);
 
 /**
  * Fields every log line written inside a request's async context carries
