@@ -102,7 +102,7 @@ describe('relay outages', () => {
     for (const r of replies) perRequest.set(r.request_id as string, (perRequest.get(r.request_id as string) ?? 0) + 1);
     expect(perRequest.size).toBe(10);
     expect([...perRequest.values()].every((n) => n === 1)).toBe(true);
-    expect(replies.every((r) => r.type === 'access_details')).toBe(true);
+    expect(replies.filter((r) => r.type !== 'access_details')).toEqual([]);
     expect(leaseIds(a)).toHaveLength(10);
     for (const r of [...replies]) {
       expect(await c.request({ type: 'stop', workload_id: r.workload_id }, { timeoutMs: 30_000 })).toMatchObject({ type: 'stopped' });

@@ -85,7 +85,15 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
       ],
       defaultPlan: 'tiny',
       // Tests send bursts from one key and hold many VMs; the limits tests set their own.
-      limits: { ratePerMinute: 6000, rateBurst: 1000, maxVmsPerSender: 20, maxVms: 40, maxSpawnsInFlight: 8 },
+      limits: {
+        ratePerMinute: 6000,
+        rateBurst: 1000,
+        maxVmsPerSender: 20,
+        maxVms: 40,
+        maxSpawnsInFlight: 16,
+        // Tiny guests: the derived capacity (cores × 4 vCPUs) would refuse a burst of 10.
+        hostCapacity: { vcpus: 64, memoryMb: 32_768 },
+      },
       drivers: {
         kvm: {
           accel: 'tcg',
