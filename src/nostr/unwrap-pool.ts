@@ -31,7 +31,12 @@ import type { Logger } from '../util/logger.js';
 export interface UnwrapPoolOptions {
   sk: Uint8Array;
   pubkey: string;
-  /** Worker threads in a flood. Default: the number of CPUs (measured best on 2 cores; see bench B3). */
+  /**
+   * Worker threads in a flood. Default: CPUs − 1 (at least 1), leaving the main
+   * thread a core for parsing, signature checks of incoming frames and I/O. On 2
+   * loaded cores 2 workers opened no faster than 1 and tripled the main
+   * thread's event-loop delay p99 (bench B3 pool columns).
+   */
   size?: number;
   /** Workers start once more than this many events wait for the main thread. Default 4. */
   minBacklog?: number;
@@ -97,7 +102,8 @@ function workerStart(): { entry: URL | string; eval: boolean } {
 export class UnwrapPool {
   private readonly sk: Uint8Array;
   private readonly pubkey: string;
-  private readonly size: number;
+  /** Worker threads a flood starts. */
+  readonly size: number;
   private readonly minBacklog: number;
   private readonly idleMs: number;
   private readonly log: Logger | undefined;
@@ -119,7 +125,7 @@ export class UnwrapPool {
     // A private copy: the caller may wipe its array; fast-crypto caches per key object.
     this.sk = new Uint8Array(opts.sk);
     this.pubkey = opts.pubkey;
-    this.size = Math.max(1, Math.floor(opts.size ?? os.availableParallelism()));
+    this.size = Math.max(1, Math.floor(opts.size ?? os.availableParallelism() - 1));
     this.minBacklog = Math.max(0, opts.minBacklog ?? 4);
     this.idleMs = opts.idleMs ?? 60_000;
     this.log = opts.logger;

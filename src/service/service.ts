@@ -12,10 +12,11 @@ import { SeenStore } from '../agent/seen.js';
 import type { Config } from '../config/schema.js';
 import type { ComputeDriver } from '../drivers/types.js';
 import { KvmDriver, ensureBaseImage } from '../drivers/kvm/index.js';
-import { openDm } from '../nostr/dm.js';
+import type { OpenResult } from '../nostr/dm.js';
 import { pubkeyOf, readKeyFile } from '../nostr/keys.js';
 import { RelayPool } from '../nostr/relays.js';
 import type { NostrEvent } from '../nostr/types.js';
+import { UnwrapPool } from '../nostr/unwrap-pool.js';
 import type { Logger } from '../util/logger.js';
 import { NostrOutbox } from './nostr-outbox.js';
 import { DiscoveryPublisher } from '../discovery/publisher.js';
@@ -97,9 +98,19 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     warnBeforeSeconds: cfg.leases.warnBeforeSeconds,
   });
 
+  // Quiet: DMs open on the main thread, one per event-loop turn; under a backlog
+  // in worker threads (issue 7: a flood of DMs must not starve the event loop).
+  const unwrap = new UnwrapPool({ sk, pubkey, logger: logger.child({ part: 'unwrap' }) });
   const onEvent = (event: NostrEvent): void => {
     const unwrapStarted = performance.now();
-    const opened = openDm(event, sk, pubkey);
+    void unwrap
+      .open(event)
+      .then((opened) => onOpened(event, opened, unwrapStarted))
+      // The relay pool's handler guard no longer surrounds this: keep a throw from becoming an unhandled rejection.
+      .catch((err: unknown) => logger.error({ eventId: event.id, err: (err as Error).message }, 'error while handling event'));
+  };
+  const onOpened = (event: NostrEvent, opened: OpenResult, unwrapStarted: number): void => {
+    // Includes time queued behind other events.
     const unwrapMs = Math.round((performance.now() - unwrapStarted) * 10) / 10;
     if (!opened.ok) {
       // Wraps for other keys are normal traffic on shared relays; not worth a warning.
@@ -162,6 +173,8 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     pool,
     async stop() {
       sub.close();
+      // Events already received still open and reach the agent before it drains.
+      await unwrap.close();
       await discovery?.stop();
       await agent.drain();
       await supervisor.stop();
