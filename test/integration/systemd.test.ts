@@ -9,7 +9,7 @@
  *   real relay: qemu runs as that user and the VM files are private.
  */
 import { execa } from 'execa';
-import { chmodSync, chownSync, copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { generateSecretKey, getPublicKey } from 'nostr-tools';
@@ -148,20 +148,26 @@ describe('systemd unit, sysusers and tmpfiles', () => {
       for (const p of [root, g, ...readdirSync(g).map((f) => join(g, f)), state, ...readdirSync(state).map((f) => join(state, f))]) {
         chownSync(p, uid, gid);
       }
+      // Install the agent as an operator would (compiled, with its node
+      // modules) somewhere the service user can read: the checkout itself may
+      // sit under a folder only root can enter.
+      const app = join(root, 'app');
+      await execa(process.execPath, [join(REPO, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', join(REPO, 'tsconfig.json'), '--outDir', join(app, 'dist')]);
+      cpSync(join(REPO, 'node_modules'), join(app, 'node_modules'), { recursive: true, dereference: true });
+      copyFileSync(join(REPO, 'package.json'), join(app, 'package.json'));
       const { env, umask } = unitSettings();
       const cmd = [
         '--reuid', USER, '--regid', USER, '--init-groups',
         // What NoNewPrivileges=yes and an empty CapabilityBoundingSet= give the unit.
         '--no-new-privs', '--bounding-set=-all', '--inh-caps=-all',
         'sh', '-c', `umask ${umask} && exec "$0" "$@"`,
-        process.execPath, '--import', 'tsx', join(REPO, 'src', 'cli', 'agent.ts'), 'run', '--config', join(state, 'provider.json'),
+        process.execPath, join(app, 'dist', 'src', 'cli', 'agent.js'), 'run', '--config', join(state, 'provider.json'),
       ];
       agent = execa('setpriv', cmd, {
         reject: false,
         stdin: 'ignore',
         all: true,
-        // `--import tsx` resolves from the working directory: the repo (world-readable).
-        cwd: REPO,
+        cwd: app,
         extendEnv: false,
         env: { PATH: '/usr/local/bin:/usr/bin:/bin', HOME: state, TMPDIR: state, ...env },
       });
