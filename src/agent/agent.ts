@@ -74,6 +74,11 @@ export class Agent {
   private readonly log: Logger;
   /** Workloads with a stop in progress; a second stop waits for the first. */
   private readonly stopping = new Map<string, Promise<void>>();
+  /**
+   * Workloads whose readiness is being watched: a death during boot is the
+   * watcher's to report (`boot_failed`), not the supervisor's (`workload_lost`).
+   */
+  private readonly booting = new Set<string>();
   private readonly pending = new Set<Promise<void>>();
   private accepting = true;
   /** Aborted at shutdown: readiness watches end without judging the VM. */
@@ -183,7 +188,10 @@ export class Agent {
     if (!lease || !driver) return;
     const route: Route = { to: lease.owner, channel: lease.channel, replyTo: lease.requestId };
     const base = { version: 1, request_id: lease.requestId, workload_id: workloadId } as const;
-    const result = await driver.waitReady(workloadId, { timeoutMs: this.opts.readyTimeoutMs, signal: this.shutdown.signal });
+    this.booting.add(workloadId);
+    const result = await driver
+      .waitReady(workloadId, { timeoutMs: this.opts.readyTimeoutMs, signal: this.shutdown.signal })
+      .finally(() => this.booting.delete(workloadId));
     if (result.ready) {
       log.info({ workloadId, ms: result.ms }, 'workload ready');
       await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
@@ -303,6 +311,10 @@ export class Agent {
   }
 
   /** True while a stop of this workload is under way. */
+  isBooting(workloadId: string): boolean {
+    return this.booting.has(workloadId);
+  }
+
   isStopping(workloadId: string): boolean {
     return this.stopping.has(workloadId);
   }

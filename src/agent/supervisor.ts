@@ -104,8 +104,10 @@ export class Supervisor {
           await this.close(lease, 'expired', 'the lease ended; the workload was stopped and deleted');
           continue;
         }
-        const seen = await this.opts.drivers[lease.driver]?.inspect(lease.workloadId);
-        if (seen?.state !== 'running') {
+        const seen = this.opts.agent.isBooting(lease.workloadId)
+          ? undefined // its readiness watch reports a death during boot
+          : await this.opts.drivers[lease.driver]?.inspect(lease.workloadId);
+        if (seen && seen.state !== 'running') {
           await this.close(lease, 'workload_lost', 'the workload stopped unexpectedly; its resources were freed');
           continue;
         }

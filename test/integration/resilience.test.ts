@@ -186,10 +186,34 @@ describe('lease supervision', () => {
     const a = await agent({ relays: [r.url], overrides: { leases: { checkIntervalMs: 500 } } });
     const c = await client(a, [r.url]);
     const replies = collect(c);
-    const s = await c.request({ type: 'spawn', root_password: PASSWORD }, { timeoutMs: 60_000 });
-    const id = s.workload_id as string;
+    let s: ReplyMessage | undefined;
+    // Killed after it booted: a VM dying during boot is a `boot_failed` instead (tested in cloud-guest.test.ts).
+    const ready = await c.request(
+      { type: 'spawn', root_password: PASSWORD },
+      { timeoutMs: 120_000, done: (r) => r.type === 'ready', onProgress: (r) => (s ??= r) },
+    );
+    expect(ready.type).toBe('ready');
+    const id = ready.workload_id as string;
     process.kill(pidOf(a, id), 'SIGKILL');
     await until(() => replies.some((x) => x.type === 'workload_lost' && x.workload_id === id), 30_000, 'workload_lost notice');
+    expect(replies.filter((x) => x.workload_id === id).map((x) => x.type)).toEqual(['access_details', 'ready', 'workload_lost']);
+    expect(leaseIds(a)).toEqual([]);
+    expect(vmDirs(a)).toEqual([]);
+    expect(await isFree(s!.ssh_port as number)).toBe(true);
+  });
+
+  it('a qemu killed during boot is reported once, as boot_failed, and everything is freed', async () => {
+    const r = await relay();
+    const a = await agent({ relays: [r.url], overrides: { leases: { checkIntervalMs: 200 } } });
+    const c = await client(a, [r.url]);
+    const replies = collect(c);
+    const s = await c.request({ type: 'spawn', root_password: PASSWORD }, { timeoutMs: 60_000 });
+    const id = s.workload_id as string;
+    process.kill(pidOf(a, id), 'SIGKILL'); // long before the tiny guest's banner
+    await until(() => replies.some((x) => x.type === 'boot_failed' && x.workload_id === id), 30_000, 'boot_failed notice');
+    await new Promise((res) => setTimeout(res, 1500)); // room for a wrong second notice
+    expect(replies.filter((x) => x.workload_id === id).map((x) => x.type)).toEqual(['access_details', 'boot_failed']);
+    expect(replies.find((x) => x.type === 'boot_failed')).toMatchObject({ reason: 'died' });
     expect(leaseIds(a)).toEqual([]);
     expect(vmDirs(a)).toEqual([]);
     expect(await isFree(s.ssh_port as number)).toBe(true);
