@@ -38,7 +38,7 @@ export interface UnwrapPoolOptions {
    * thread's event-loop delay p99 (bench B3 pool columns).
    */
   size?: number;
-  /** Workers start once more than this many events wait for the main thread. Default 4. */
+  /** Workers start once more than this many events wait for the main thread. Default 16: an ordinary burst (tens of ms of unwrapping) stays on the main thread and costs no worker memory. */
   minBacklog?: number;
   /** Workers end after this long with nothing to open. Default 60 s. */
   idleMs?: number;
@@ -126,7 +126,7 @@ export class UnwrapPool {
     this.sk = new Uint8Array(opts.sk);
     this.pubkey = opts.pubkey;
     this.size = Math.max(1, Math.floor(opts.size ?? os.availableParallelism() - 1));
-    this.minBacklog = Math.max(0, opts.minBacklog ?? 4);
+    this.minBacklog = Math.max(0, opts.minBacklog ?? 16);
     this.idleMs = opts.idleMs ?? 60_000;
     this.log = opts.logger;
   }
