@@ -3,7 +3,8 @@
  * native or WASM code instead of pure-JS BigInt arithmetic.
  *
  * - Conversation keys (NIP-44) and NIP-04 shared secrets: secp256k1 ECDH from
- *   Node's OpenSSL (`crypto.createECDH`), HKDF-extract with Node's HMAC. The
+ *   libsecp256k1 (the `secp256k1` package's native addon; OpenSSL's
+ *   `crypto.createECDH` when it cannot load), HKDF-extract with Node's HMAC. The
  *   ECDH object for a secret key is kept (its public key costs a scalar
  *   multiplication to set up), and NIP-44 keys per (secret key, peer) sit in a
  *   small LRU: a consumer's seals always yield the same key.
@@ -24,6 +25,7 @@
  * Byte-identity with nostr-tools is tested in test/unit/fast-unwrap.test.ts.
  */
 import { createDecipheriv, createECDH, createHmac, timingSafeEqual, type ECDH } from 'node:crypto';
+import { createRequire } from 'node:module';
 // nostr-tools' own base64 codec (its dependency): strict where Buffer's is lenient.
 import { base64 } from '@scure/base';
 import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
@@ -54,6 +56,37 @@ async function loadWasm(): Promise<WasmVerifier | undefined> {
 }
 
 const wasm: WasmVerifier | undefined = await loadWasm();
+
+/** libsecp256k1's ECDH through the `secp256k1` package's native addon (prebuilt for linux-x64). */
+interface NativeSecp256k1 {
+  ecdh(pubkey: Uint8Array, seckey: Uint8Array, opts: { hashfn: (x: Uint8Array) => Uint8Array }, output: Uint8Array): Uint8Array;
+}
+
+/**
+ * ~0.1 ms per ECDH against ~1-2 ms for OpenSSL's generic curve code, which
+ * dominated unwrap time (two per gift wrap). Loaded by name at run time; when
+ * the addon cannot load (another platform, PAYGRESS_NO_NATIVE=1), OpenSSL it is.
+ */
+function loadNative(): NativeSecp256k1 | undefined {
+  if (process.env.PAYGRESS_NO_NATIVE === '1') return undefined;
+  try {
+    return createRequire(import.meta.url)('secp256k1/bindings') as NativeSecp256k1;
+  } catch {
+    return undefined;
+  }
+}
+
+const native = loadNative();
+
+/** Which implementation computes ECDH shared secrets; for benchmarks and reports. */
+export const ecdhBackend: 'libsecp256k1' | 'openssl' = native ? 'libsecp256k1' : 'openssl';
+
+/** Shared x of sk·P for a compressed point; throws when P is not on the curve (both backends). */
+function computeSharedX(state: KeyState, point: Buffer): Buffer {
+  if (!native) return state.ecdh.computeSecret(point);
+  // hashfn returning x unchanged makes libsecp256k1 yield the raw x coordinate, as OpenSSL does.
+  return Buffer.from(native.ecdh(point, state.sk, { hashfn: (x) => x }, Buffer.alloc(32)));
+}
 
 /** Which implementation `verifySignedEvent` uses for canonical events; for benchmarks and reports. */
 export const signatureBackend: 'wasm' | 'js' = wasm ? 'wasm' : 'js';
@@ -92,7 +125,7 @@ function keyState(sk: Uint8Array): KeyState {
  */
 export function sharedX(sk: Uint8Array, pubkeyHex: string): Buffer {
   if (!HEX64.test(pubkeyHex)) throw new Error('public key must be 64 lowercase hex characters');
-  return keyState(sk).ecdh.computeSecret(Buffer.from(`02${pubkeyHex}`, 'hex'));
+  return computeSharedX(keyState(sk), Buffer.from(`02${pubkeyHex}`, 'hex'));
 }
 
 /** x-only public key (hex) of `sk`, from the cached native ECDH object. Equal to nostr-tools' `getPublicKey`. */
@@ -112,7 +145,7 @@ export function fastConversationKey(sk: Uint8Array, pubkeyHex: string): Uint8Arr
     state.conversations.set(pubkeyHex, hit);
     return hit.slice();
   }
-  const shared = state.ecdh.computeSecret(Buffer.from(`02${pubkeyHex}`, 'hex'));
+  const shared = computeSharedX(state, Buffer.from(`02${pubkeyHex}`, 'hex'));
   const key = new Uint8Array(createHmac('sha256', NIP44_SALT).update(shared).digest());
   shared.fill(0);
   state.conversations.set(pubkeyHex, key);
