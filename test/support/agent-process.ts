@@ -3,7 +3,7 @@
  * config written for the test, so tests see exactly what systemd would run.
  */
 import { execa, type ResultPromise } from 'execa';
-import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateSecretKey, getPublicKey } from 'nostr-tools';
@@ -37,6 +37,14 @@ export interface AgentProcessOptions {
    * as in production (the bench measures memory this way).
    */
   compiled?: boolean;
+}
+
+/** The node flags the systemd unit starts the agent with: a compiled test agent runs as production does. */
+export function unitNodeFlags(): string[] {
+  const unit = readFileSync(new URL('../../systemd/paygress-agent.service', import.meta.url), 'utf8');
+  const args = /^ExecStart=\S+\s+(.*)$/m.exec(unit)?.[1]?.split(/\s+/) ?? [];
+  const script = args.findIndex((a) => a.endsWith('/agent.js'));
+  return script > 0 ? args.slice(0, script) : [];
 }
 
 export interface AgentProcess {
@@ -117,7 +125,7 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
 
   let out = '';
   const waiters = new Set<() => void>();
-  const cli = opts.compiled ? [COMPILED_AGENT_CLI] : ['--import', 'tsx', AGENT_CLI];
+  const cli = opts.compiled ? [...unitNodeFlags(), COMPILED_AGENT_CLI] : ['--import', 'tsx', AGENT_CLI];
   const proc = execa('node', [...cli, 'run', '--config', configPath], {
     reject: false,
     stdin: 'ignore',
