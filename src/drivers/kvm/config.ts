@@ -50,19 +50,3 @@ export interface KvmDriverConfig {
   /** e.g. `passt`. */
   passtBinary?: string;
 }
-
-/** Defaults the agent's config schema can reuse; vmRoot and baseImage have none. */
-export const KVM_DRIVER_DEFAULTS = {
-  qemuBinary: 'qemu-system-x86_64',
-  qemuImgBinary: 'qemu-img',
-  isoTool: 'genisoimage',
-  accel: 'auto',
-  baseImageFormat: 'qcow2',
-  bindAddress: '0.0.0.0',
-  portRange: { from: 30000, to: 30999 },
-  namePrefix: 'paygress-',
-  pidfileTimeoutMs: 15_000,
-  stopTimeoutMs: 10_000,
-  network: 'restricted',
-  passtBinary: 'passt',
-} as const satisfies Partial<KvmDriverConfig>;

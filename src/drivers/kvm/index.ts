@@ -1,5 +1,5 @@
 export { KvmDriver, type VmMeta } from './driver.js';
-export { KVM_DRIVER_DEFAULTS, type KvmDriverConfig } from './config.js';
+export type { KvmDriverConfig } from './config.js';
 export { buildQemuArgv, QEMU_SANDBOX, VM_FILES, vmFile, type QemuArgs } from './argv.js';
 export {
   buildCloudConfig,
