@@ -169,7 +169,18 @@ export class Agent {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
     this.opts.inflight.end(msg.requestId);
-    if (reply.type === 'access_details') this.track(this.watchReady(reply.workload_id, log));
+    if (reply.type === 'access_details') this.track(this.watchReady(reply.workload_id, log, this.opts.readyTimeoutMs));
+  }
+
+  /**
+   * Pick up the readiness watch of a re-adopted workload that had not been
+   * reported ready when the previous run stopped; the deadline still counts
+   * from its creation (with a short grace to look at it at least once).
+   */
+  resumeReadiness(lease: Lease): void {
+    if (lease.readyAt) return;
+    const left = this.opts.readyTimeoutMs - (Date.now() - Date.parse(lease.createdAt));
+    this.track(this.watchReady(lease.workloadId, this.log.child({ requestId: lease.requestId }), Math.max(left, 15_000)));
   }
 
   private track(job: Promise<void>): void {
@@ -182,7 +193,7 @@ export class Agent {
    * up with `ready` once the guest accepts logins, or `boot_failed` (and the
    * VM is deleted) if it dies or misses the deadline.
    */
-  private async watchReady(workloadId: string, log: Logger): Promise<void> {
+  private async watchReady(workloadId: string, log: Logger, timeoutMs: number): Promise<void> {
     const lease = this.opts.leases.get(workloadId);
     const driver = lease && this.opts.drivers[lease.driver];
     if (!lease || !driver) return;
@@ -190,11 +201,13 @@ export class Agent {
     const base = { version: 1, request_id: lease.requestId, workload_id: workloadId } as const;
     this.booting.add(workloadId);
     const result = await driver
-      .waitReady(workloadId, { timeoutMs: this.opts.readyTimeoutMs, signal: this.shutdown.signal })
+      .waitReady(workloadId, { timeoutMs, signal: this.shutdown.signal })
       .finally(() => this.booting.delete(workloadId));
     if (result.ready) {
       log.info({ workloadId, ms: result.ms }, 'workload ready');
       await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
+      const current = this.opts.leases.get(workloadId);
+      if (current) this.opts.leases.put({ ...current, readyAt: new Date().toISOString() });
       return;
     }
     // Shutting down is not a boot failure: the VM stays, the next run re-adopts it.
@@ -209,7 +222,7 @@ export class Agent {
         message:
           result.reason === 'died'
             ? 'the VM stopped during boot; it was deleted'
-            : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s; it was deleted`,
+            : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`,
         console: result.consoleTail,
       })
       .catch(() => undefined);

@@ -27,6 +27,8 @@ export const LeaseSchema = z.object({
   sshPort: z.number().int(),
   createdAt: z.string(),
   expiresAt: z.string(),
+  /** When the owner was told the guest is ready; absent while it boots (a restart resumes the watch). */
+  readyAt: z.string().optional(),
 });
 
 export type Lease = z.infer<typeof LeaseSchema>;

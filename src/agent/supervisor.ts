@@ -65,6 +65,7 @@ export class Supervisor {
       const seen = await drivers[lease.driver]?.inspect(lease.workloadId);
       if (seen?.state === 'running') {
         this.log.info({ workloadId: lease.workloadId, pid: seen.pid }, 'workload re-adopted');
+        agent.resumeReadiness(lease);
       } else {
         await this.close(lease, 'workload_lost', 'the workload stopped while the provider was down; its resources were freed');
       }

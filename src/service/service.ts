@@ -9,6 +9,7 @@ import { InflightJournal } from '../agent/inflight.js';
 import { Supervisor } from '../agent/supervisor.js';
 import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
+import { join } from 'node:path';
 import type { Config } from '../config/schema.js';
 import type { ComputeDriver } from '../drivers/types.js';
 import { KvmDriver, ensureBaseImage } from '../drivers/kvm/index.js';
@@ -59,7 +60,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const inflight = new InflightJournal(cfg.stateDir);
 
   const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
-  const outbox = new NostrOutbox({ sk, pool, logger: logger.child({ part: 'outbox' }) });
+  const outbox = new NostrOutbox({ sk, pool, spoolDir: join(cfg.stateDir, 'outbox'), logger: logger.child({ part: 'outbox' }) });
   const hostCapacity = resolveHostCapacity(cfg.limits.hostCapacity);
   logger.info({ hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
   const agent = new Agent({
@@ -133,6 +134,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   };
 
   pool.start();
+  outbox.resume();
   // Settle what an earlier run left before taking new work; its notices queue
   // in the outbox until a relay is connected.
   await supervisor.reconcile();

@@ -131,7 +131,50 @@ describe('relay outages', () => {
   });
 });
 
+describe('replies no relay accepted', () => {
+  it('are spooled, survive a crash of the agent, and are delivered once after the restart', async () => {
+    const r = await relay();
+    const a = await agent({ relays: [r.url] });
+    // NIP-04 replies are signed by the agent's own key: the relay's write
+    // policy can refuse exactly those.
+    const c = new ConsumerClient({ sk: generateSecretKey(), provider: a.pubkey, relays: [r.url], channel: 'nip04' });
+    await c.start();
+    clients.push(c);
+    const replies = collect(c);
+    r.blockAuthors.add(a.pubkey);
+    const requestId = await c.send({ type: 'status', workload_id: 'w-000000000000' });
+    await a.waitForLog(/no relay accepted the message; will retry/);
+    expect(readdirSync(join(a.stateDir, 'outbox'))).toHaveLength(1);
+    await a.kill(); // a crash: nothing flushed on the way out
+
+    r.blockAuthors.delete(a.pubkey);
+    const b = await agent({ relays: [r.url], root: a.root, sk: a.sk });
+    await until(() => replies.some((x) => x.request_id === requestId), 30_000, 'the spooled reply');
+    await new Promise((res) => setTimeout(res, 1500));
+    expect(replies.filter((x) => x.request_id === requestId)).toEqual([
+      expect.objectContaining({ type: 'error', code: 'not_found', request_id: requestId }),
+    ]);
+    await until(() => readdirSync(join(b.stateDir, 'outbox')).length === 0, 10_000, 'an empty spool');
+  });
+});
+
 describe('agent restarts and crashes', () => {
+  it('a guest still booting when the agent restarts still gets its ready notice', async () => {
+    const r = await relay();
+    const a = await agent({ relays: [r.url] });
+    const c = await client(a, [r.url]);
+    const replies = collect(c);
+    const s = await c.request({ type: 'spawn', root_password: PASSWORD }, { timeoutMs: 60_000 });
+    await a.stop(); // the tiny guest needs ~8 s to its banner: the watch is cut short
+    expect(replies.some((x) => x.type === 'ready')).toBe(false);
+    const b = await agent({ relays: [r.url], root: a.root, sk: a.sk });
+    await until(() => replies.some((x) => x.type === 'ready' && x.workload_id === s.workload_id), 90_000, 'ready after the restart');
+    // Recorded once a relay took the notice, so the next restart does not watch again.
+    const readyAt = () => JSON.parse(readFileSync(join(b.stateDir, 'leases', `${s.workload_id}.json`), 'utf8')).readyAt;
+    await until(() => typeof readyAt() === 'string', 10_000, 'readyAt in the lease');
+    expect(await c.request({ type: 'stop', workload_id: s.workload_id }, { timeoutMs: 30_000 })).toMatchObject({ type: 'stopped' });
+  });
+
   it('re-adopts live VMs after a restart; stop and status still work', async () => {
     const r = await relay();
     const a = await agent({ relays: [r.url] });

@@ -37,6 +37,12 @@ export interface LocalRelay {
   start(): Promise<void>;
   /** Number of stored (non-ephemeral) events. */
   eventCount(): number;
+  /**
+   * Write policy, as real relays have: events signed by these pubkeys are
+   * answered `OK false` and not stored. For tests of publishers that must not
+   * lose a message no relay accepted.
+   */
+  blockAuthors: Set<string>;
 }
 
 /**
@@ -139,11 +145,16 @@ export async function startRelay(opts: { port?: number; host?: string } = {}): P
   let wss: WebSocketServer | undefined;
   let port = opts.port ?? 0;
 
+  const blockAuthors = new Set<string>();
   const onConnection = (ws: WebSocket): void => {
     relay.handleConnection(ws);
     ws.on('message', async (data) => {
       try {
         const message = await validator.validateIncomingMessage(data as Buffer);
+        if (message[0] === 'EVENT' && blockAuthors.has(message[1].pubkey)) {
+          ws.send(JSON.stringify(['OK', message[1].id, false, 'blocked: this author may not write here']));
+          return;
+        }
         await relay.handleMessage(ws, message);
       } catch (err) {
         if (ws.readyState === ws.OPEN) {
@@ -201,5 +212,6 @@ export async function startRelay(opts: { port?: number; host?: string } = {}): P
     start,
     stop,
     eventCount: () => repo.size,
+    blockAuthors,
   };
 }
