@@ -61,6 +61,12 @@ export const KvmConfigSchema = z.object({
    */
   network: z.enum(['restricted', 'user', 'passt']).default('restricted'),
   passtBinary: z.string().default('passt'),
+  /**
+   * Nice value every guest's qemu gets once started (its threads and its
+   * autogroup): guests yield the CPU to the host's own work (the agent's next
+   * spawn, sshd) under contention, and stay equal among themselves. 0 = off.
+   */
+  guestNice: z.number().int().min(0).max(19).default(10),
   portRange: z
     .object({ from: z.number().int().min(1024).max(65535), to: z.number().int().min(1024).max(65535) })
     .refine((r) => r.from <= r.to, 'from must be <= to')

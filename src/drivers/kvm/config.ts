@@ -49,4 +49,11 @@ export interface KvmDriverConfig {
   network?: 'restricted' | 'user' | 'passt';
   /** e.g. `passt`. */
   passtBinary?: string;
+  /**
+   * Nice value (1-19) every guest's qemu threads and autogroup get once it has
+   * started, so that tenant guests cannot starve the host's control plane (the
+   * next spawn's qemu-img, genisoimage and qemu launch); all guests alike, so
+   * tenants stay equal among themselves. 0 or absent: leave them as started.
+   */
+  guestNice?: number;
 }

@@ -22,7 +22,7 @@ import { buildQemuArgv, vmFile } from './argv.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
-import { findVmPids, isAlive, isVmProcess, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { findVmPids, isAlive, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { writeSeedIso } from './seed.js';
 import { probeHost, probeSshBanner, readConsoleTail } from './readiness.js';
@@ -190,7 +190,7 @@ export class KvmDriver implements ComputeDriver {
           network: this.network,
         });
         const t = Date.now();
-        const res = await execa(config.qemuBinary, argv, {
+        const launch = execa(config.qemuBinary, argv, {
           stdin: 'ignore',
           stdout: 'ignore',
           stderr: 'pipe',
@@ -198,6 +198,9 @@ export class KvmDriver implements ComputeDriver {
           // The daemonizing parent returns once the VM is set up; bound it anyway.
           timeout: config.pidfileTimeoutMs,
         });
+        const early = this.lowerPriorityWhileLaunching(dir, name, launch, log);
+        const res = await launch;
+        await early;
         log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
         if (res.exitCode === 0) break;
 
@@ -222,6 +225,11 @@ export class KvmDriver implements ComputeDriver {
       if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
       if (!(await isVmProcess(pid, name))) {
         throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
+      }
+      if (this.guestNice > 0) {
+        // Again now that the launcher is done: threads made since the early pass.
+        const lowered = await lowerProcessPriority(pid, this.guestNice);
+        log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered');
       }
       log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: port, totalMs: Date.now() - t0 }, 'workload started');
       return { id, pid, sshPort: port, dir };
@@ -267,6 +275,38 @@ export class KvmDriver implements ComputeDriver {
     for (const p of pids) await stopVmProcess(p, name, this.config.stopTimeoutMs);
     // Whatever the configured mode is now: the VM may date from another one.
     await stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), this.config.stopTimeoutMs);
+  }
+
+  private get guestNice(): number {
+    return this.config.guestNice ?? 0;
+  }
+
+  /**
+   * Lower the new qemu's priority as soon as its pidfile names it, while the
+   * launcher still runs: the daemonized child is already in its own session
+   * (autogroup) at full weight and its vCPU starts spinning before the parent
+   * returns, which under a burst starves the agent's next spawns. Polls finely
+   * (a launch takes ~60 ms); best effort, the caller checks identity again.
+   */
+  private async lowerPriorityWhileLaunching(dir: string, name: string, launch: Promise<unknown>, log: Logger): Promise<void> {
+    if (this.guestNice <= 0) return;
+    let settled = false;
+    void launch.finally(() => {
+      settled = true;
+    });
+    const pidfile = vmFile(dir, 'pidfile');
+    while (!settled) {
+      const pid = await readPidfile(pidfile);
+      if (pid !== undefined && (await isVmProcess(pid, name))) {
+        try {
+          await lowerProcessPriority(pid, this.guestNice);
+        } catch (err) {
+          log.debug({ err }, 'could not lower guest priority during launch');
+        }
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 5));
+    }
   }
 
   private get network(): 'restricted' | 'user' | 'passt' {

@@ -4,7 +4,8 @@
  * TERM → KILL escalation. Linux only, by design.
  */
 import { watch, type FSWatcher } from 'node:fs';
-import { readdir, readFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { qemuOptionValue } from './qemu-option.js';
@@ -147,4 +148,52 @@ export async function stopVmProcess(pid: number, name: string, stopTimeoutMs: nu
   signal(pid, 'SIGKILL');
   if (await waitForExit(pid, 5_000)) return 'killed';
   throw new Error(`process ${pid} (${name}) survived SIGKILL`);
+}
+
+/**
+ * Lower the CPU priority of a running qemu: every thread's nice value
+ * (setpriority on each tid; threads qemu creates later inherit it from their
+ * creator) and, where the kernel groups by session (sched_autogroup, Linux's
+ * default on desktops and many servers), the nice value of qemu's autogroup.
+ * The second matters because `-daemonize` calls setsid(): qemu lands in its
+ * own autogroup, which the scheduler weighs like the agent's whole session,
+ * so a per-thread nice alone would change nothing between the two.
+ *
+ * All guests get the same value, so tenants stay equal among themselves; the
+ * host's own work (the agent's next spawn, sshd, the relay connection) wins
+ * when the CPU is contended. Best effort: a thread that exits meanwhile is
+ * skipped; the returned counts say what was changed.
+ */
+export async function lowerProcessPriority(pid: number, nice: number): Promise<{ threads: number; autogroup: boolean }> {
+  if (!Number.isInteger(nice) || nice < 1 || nice > 19) throw new RangeError('nice must be an integer in 1..19');
+  let autogroup = false;
+  try {
+    await writeFile(`/proc/${pid}/autogroup`, String(nice));
+    autogroup = true;
+  } catch {
+    // No autogroup support (or disabled): thread nice values alone decide.
+  }
+  const done = new Set<number>();
+  // Twice: a thread created while the first pass runs may have been cloned
+  // from one not yet lowered. qemu starts its threads during setup, before
+  // the daemonizing parent returns, so the second pass rarely finds any.
+  for (let pass = 0; pass < 2; pass++) {
+    let tids: string[];
+    try {
+      tids = await readdir(`/proc/${pid}/task`);
+    } catch {
+      break; // the process is gone
+    }
+    for (const t of tids) {
+      const tid = Number(t);
+      if (!Number.isSafeInteger(tid) || done.has(tid)) continue;
+      try {
+        os.setPriority(tid, nice);
+        done.add(tid);
+      } catch {
+        // The thread exited between readdir and setpriority.
+      }
+    }
+  }
+  return { threads: done.size, autogroup };
 }
