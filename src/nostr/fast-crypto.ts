@@ -357,35 +357,25 @@ export function verifySignedEvent(ev: NostrEvent): boolean {
   let ok: boolean;
   if (wasm && isCanonical(ev)) {
     try {
-      wasm.verifyEvent({
-        id: ev.id,
-        pubkey: ev.pubkey,
-        sig: ev.sig,
-        kind: ev.kind,
-        created_at: ev.created_at,
-        content: ev.content,
-        tags: ev.tags,
-      });
+      wasm.verifyEvent(signedFields(ev));
       ok = true;
     } catch {
       ok = false;
     }
   } else {
-    // A fresh object with the signed fields only: nostr-tools caches its verdict
-    // in a symbol on the event (which a spread would copy), and that verdict
-    // would outlive a mutation of the caller's object.
-    ok = jsVerifyEvent({
-      id: ev.id,
-      pubkey: ev.pubkey,
-      sig: ev.sig,
-      kind: ev.kind,
-      created_at: ev.created_at,
-      content: ev.content,
-      tags: ev.tags,
-    });
+    ok = jsVerifyEvent(signedFields(ev));
   }
   if (ok) verified.set(ev, fingerprint(ev));
   return ok;
+}
+
+/**
+ * A fresh object with the signed fields only: nostr-tools caches its verdict
+ * in a symbol on the event (which a spread would copy), and that verdict
+ * would outlive a mutation of the caller's object.
+ */
+function signedFields(ev: NostrEvent): NostrEvent {
+  return { id: ev.id, pubkey: ev.pubkey, sig: ev.sig, kind: ev.kind, created_at: ev.created_at, content: ev.content, tags: ev.tags };
 }
 
 /** Whether `verifySignedEvent` said true for this object, with every signed field unchanged since. */

@@ -14,7 +14,7 @@
  */
 import { readdir } from 'node:fs/promises';
 import path from 'node:path';
-import { isAlive, processArgv, readPidfile, waitForExit } from './process.js';
+import { findPids, processArgv, readPidfile, stopIdentified } from './process.js';
 
 /** What passt prints (and exits 1 with) when the forwarded port is taken. */
 export const PASST_PORT_TAKEN = 'Failed to bind any port';
@@ -112,23 +112,8 @@ export async function isPasstProcess(pid: number, socket: string): Promise<boole
 }
 
 /** Every live passt serving `socket` (finds one whose pidfile is gone). */
-export async function findPasstPids(socket: string): Promise<number[]> {
-  const pids: number[] = [];
-  for (const entry of await readdir('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    const pid = Number(entry);
-    if (pid === process.pid) continue;
-    if (await isPasstProcess(pid, socket)) pids.push(pid);
-  }
-  return pids;
-}
-
-function signal(pid: number, sig: NodeJS.Signals): void {
-  try {
-    process.kill(pid, sig);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
-  }
+export function findPasstPids(socket: string): Promise<number[]> {
+  return findPids((argv) => argvIsPasstFor(argv, socket));
 }
 
 /**
@@ -140,14 +125,5 @@ export async function stopPasst(socket: string, pidfile: string, timeoutMs: numb
   const pids = new Set(await findPasstPids(socket));
   const fromFile = await readPidfile(pidfile);
   if (fromFile !== undefined) pids.add(fromFile);
-  for (const pid of pids) {
-    if (!(await isPasstProcess(pid, socket))) continue;
-    signal(pid, 'SIGTERM');
-    if (await waitForExit(pid, timeoutMs)) continue;
-    if (!(await isPasstProcess(pid, socket))) continue;
-    signal(pid, 'SIGKILL');
-    if (!(await waitForExit(pid, 5_000)) && (await isAlive(pid))) {
-      throw new Error(`passt ${pid} (${socket}) survived SIGKILL`);
-    }
-  }
+  for (const pid of pids) await stopIdentified(pid, () => isPasstProcess(pid, socket), timeoutMs, `passt for ${socket}`);
 }

@@ -67,16 +67,22 @@ export async function isAlive(pid: number): Promise<boolean> {
   }
 }
 
-/** Every live process whose argv names this VM; finds a qemu whose pidfile is missing. */
-export async function findVmPids(name: string): Promise<number[]> {
+/** Every live process (other than this one) whose argv satisfies `matches`. */
+export async function findPids(matches: (argv: readonly string[]) => boolean): Promise<number[]> {
   const pids: number[] = [];
   for (const entry of await readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     const pid = Number(entry);
     if (pid === process.pid) continue;
-    if (await isVmProcess(pid, name)) pids.push(pid);
+    const argv = await processArgv(pid);
+    if (argv !== undefined && matches(argv)) pids.push(pid);
   }
   return pids;
+}
+
+/** Every live process whose argv names this VM; finds a qemu whose pidfile is missing. */
+export function findVmPids(name: string): Promise<number[]> {
+  return findPids((argv) => argvHasVmName(argv, name));
 }
 
 /**
@@ -140,14 +146,28 @@ export type StopOutcome = 'not-running' | 'terminated' | 'killed';
  * SIGKILL. Signals only while /proc/<pid>/cmdline still names this VM, so a
  * recycled pid is never hit. Throws if the process survives SIGKILL.
  */
-export async function stopVmProcess(pid: number, name: string, stopTimeoutMs: number): Promise<StopOutcome> {
-  if (!(await isVmProcess(pid, name))) return 'not-running';
+export function stopVmProcess(pid: number, name: string, stopTimeoutMs: number): Promise<StopOutcome> {
+  return stopIdentified(pid, () => isVmProcess(pid, name), stopTimeoutMs, name);
+}
+
+/**
+ * SIGTERM, wait `stopTimeoutMs`, SIGKILL — each signal sent only while
+ * `isOurs()` still holds, so a recycled pid is never hit. Throws if the
+ * process survives SIGKILL.
+ */
+export async function stopIdentified(
+  pid: number,
+  isOurs: () => Promise<boolean>,
+  stopTimeoutMs: number,
+  what: string,
+): Promise<StopOutcome> {
+  if (!(await isOurs())) return 'not-running';
   signal(pid, 'SIGTERM');
   if (await waitForExit(pid, stopTimeoutMs)) return 'terminated';
-  if (!(await isVmProcess(pid, name))) return 'terminated';
+  if (!(await isOurs())) return 'terminated';
   signal(pid, 'SIGKILL');
   if (await waitForExit(pid, 5_000)) return 'killed';
-  throw new Error(`process ${pid} (${name}) survived SIGKILL`);
+  throw new Error(`process ${pid} (${what}) survived SIGKILL`);
 }
 
 /**
