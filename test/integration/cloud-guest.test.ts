@@ -3,7 +3,7 @@
  * consumer put in the DM is what opens the VM over SSH.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { generateSecretKey } from 'nostr-tools';
@@ -13,6 +13,7 @@ import { ensureCloudGuest } from '../support/cloud-guest.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
 import { isFree, processRuns, qemuPidsMatching } from '../support/net.js';
+import { filesUnder } from '../support/files.js';
 
 // Spaces, both quotes, a colon, '#', a backslash and non-ASCII: everything
 // that breaks YAML or shell quoting when pasted instead of serialised.
@@ -56,14 +57,6 @@ function ssh(port: number, password: string, command: string) {
     // The password travels in the environment, never in argv.
     { env: { SSHPASS: password }, reject: false, timeout: 60_000, stdin: 'ignore' },
   );
-}
-
-/** Every regular file under `dir`, recursively. */
-function filesUnder(dir: string): string[] {
-  if (!existsSync(dir)) return [];
-  return readdirSync(dir, { recursive: true, encoding: 'utf8' })
-    .map((f) => join(dir, f))
-    .filter((f) => statSync(f).isFile());
 }
 
 describe('cloud-init guest', () => {

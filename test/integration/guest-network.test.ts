@@ -17,12 +17,12 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
+import { KvmDriver } from '../../src/drivers/kvm/index.js';
 import { probeSshBanner } from '../../src/drivers/kvm/readiness.js';
 import { findPasstPids } from '../../src/drivers/kvm/passt.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { until } from '../support/net.js';
-import { ensureTinyGuest, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
+import { ensureTinyGuest, tinyDriverConfig, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
 
 const LOOPBACK_PORT = 45150;
 const PUBLIC_PORT = 45151;
@@ -70,25 +70,13 @@ interface Outcome {
 async function run(mode: Mode): Promise<Outcome> {
   const probes = [`10.0.2.2:${LOOPBACK_PORT}`, `127.0.0.1:${LOOPBACK_PORT}`];
   if (hostIp) probes.push(`${hostIp}:${PUBLIC_PORT}`);
-  const config: KvmDriverConfig = {
-    qemuBinary: 'qemu-system-x86_64',
-    qemuImgBinary: 'qemu-img',
-    isoTool: 'genisoimage',
-    accel: 'tcg',
+  const config = tinyDriverConfig(guest, {
     vmRoot: join(root, mode),
-    baseImage: guest.baseImage,
-    baseImageFormat: 'qcow2',
-    kernel: guest.kernel,
-    initrd: guest.initrd,
-    append: `${guest.append} ${probes.map((p) => `paygress.probe=${p}`).join(' ')}`,
-    bindAddress: '127.0.0.1',
     portRange: PORTS[mode],
     namePrefix: 'paygress-netest-',
-    pidfileTimeoutMs: 15_000,
-    stopTimeoutMs: 5_000,
-    readiness: 'ssh-banner',
+    append: `${guest.append} ${probes.map((p) => `paygress.probe=${p}`).join(' ')}`,
     network: mode,
-  };
+  });
   const d = new KvmDriver(config, silentLogger);
   const id = `net-${mode}`;
   const h = await d.create({ id, hostname: id, vcpus: 1, memoryMb: 256, diskGb: 1, rootPassword: 'x-not-used-x', sshKeys: [] });

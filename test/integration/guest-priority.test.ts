@@ -8,35 +8,22 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node
 import { getPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
+import { KvmDriver } from '../../src/drivers/kvm/index.js';
 import type { WorkloadSpec } from '../../src/drivers/types.js';
 import { silentLogger } from '../../src/util/logger.js';
-import { ensureTinyGuest, type TinyGuest } from '../support/tiny-guest.js';
+import { ensureTinyGuest, tinyDriverConfig, type TinyGuest } from '../support/tiny-guest.js';
 
 let guest: TinyGuest;
 let root: string;
 const created: { driver: KvmDriver; id: string }[] = [];
 
 function driver(guestNice: number | undefined, ports: { from: number; to: number }): KvmDriver {
-  const config: KvmDriverConfig = {
-    qemuBinary: 'qemu-system-x86_64',
-    qemuImgBinary: 'qemu-img',
-    isoTool: 'genisoimage',
-    accel: 'tcg',
+  const config = tinyDriverConfig(guest, {
     vmRoot: join(root, 'vms'),
-    baseImage: guest.baseImage,
-    baseImageFormat: 'qcow2',
-    kernel: guest.kernel,
-    initrd: guest.initrd,
-    append: guest.append,
-    bindAddress: '127.0.0.1',
     portRange: ports,
     namePrefix: 'paygress-nicetest-',
-    pidfileTimeoutMs: 15_000,
-    stopTimeoutMs: 5_000,
-    readiness: 'ssh-banner',
     guestNice,
-  };
+  });
   return new KvmDriver(config, silentLogger);
 }
 

@@ -8,7 +8,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCipheriv, createECDH, randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import WebSocket from 'ws';
@@ -23,6 +23,7 @@ import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
 import { isFree, qemuPidsMatching, until } from '../support/net.js';
+import { filesUnder } from '../support/files.js';
 
 const PORTS = { from: 45000, to: 45009 };
 const MAX_CONTENT = 16_384;
@@ -479,19 +480,6 @@ async function inBatches<T>(items: T[], size: number, fn: (item: T) => Promise<v
       while (next < items.length) await fn(items[next++]!);
     }),
   );
-}
-
-/** Every file under `dir`, recursively. */
-function filesUnder(dir: string): string[] {
-  if (!existsSync(dir)) return [];
-  const out: string[] = [];
-  for (const name of readdirSync(dir)) {
-    const p = join(dir, name);
-    const st = statSync(p);
-    if (st.isDirectory()) out.push(...filesUnder(p));
-    else if (st.isFile()) out.push(p);
-  }
-  return out;
 }
 
 beforeAll(async () => {

@@ -15,7 +15,8 @@ import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js'
 import { silentLogger } from '../../src/util/logger.js';
 import { isFree, isListening, processRuns, qemuPidsMatching, until } from '../support/net.js';
 import { ensureCloudGuest } from '../support/cloud-guest.js';
-import { ensureTinyGuest, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
+import { ensureTinyGuest, tinyDriverConfig, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
+import { filesUnder } from '../support/files.js';
 
 const PASSWORD = 'Sup3r-Secret-Pl@intext-Passw0rd';
 let guest: TinyGuest;
@@ -23,25 +24,12 @@ let root: string;
 const drivers: KvmDriver[] = [];
 
 function config(over: Partial<KvmDriverConfig> = {}): KvmDriverConfig {
-  return {
-    qemuBinary: 'qemu-system-x86_64',
-    qemuImgBinary: 'qemu-img',
-    isoTool: 'genisoimage',
-    accel: 'tcg',
+  return tinyDriverConfig(guest, {
     vmRoot: join(root, 'vms'),
-    baseImage: guest.baseImage,
-    baseImageFormat: 'qcow2',
-    kernel: guest.kernel,
-    initrd: guest.initrd,
-    append: guest.append,
-    bindAddress: '127.0.0.1',
     portRange: { from: 42000, to: 42019 },
     namePrefix: 'paygress-kvmtest-',
-    pidfileTimeoutMs: 15_000,
-    stopTimeoutMs: 5_000,
-    readiness: 'ssh-banner',
     ...over,
-  };
+  });
 }
 
 function driver(over: Partial<KvmDriverConfig> = {}, logger = silentLogger): KvmDriver {
@@ -88,11 +76,6 @@ function listen(port: number): Promise<Server> {
     srv.once('error', reject);
     srv.listen(port, '127.0.0.1', () => resolve(srv));
   });
-}
-
-function filesUnder(dir: string): string[] {
-  return readdirSync(dir, { withFileTypes: true }).flatMap((e) =>
-    e.isDirectory() ? filesUnder(join(dir, e.name)) : [join(dir, e.name)]);
 }
 
 beforeAll(async () => {

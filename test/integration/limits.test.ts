@@ -8,7 +8,7 @@
  * The tests run in order and share one agent: which VMs are live matters.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -20,6 +20,7 @@ import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
 import { isFree, qemuPidsMatching } from '../support/net.js';
+import { filesUnder } from '../support/files.js';
 
 const PORTS = { from: 45020, to: 45029 };
 const PASSWORD = `Pw-${bytesToHex(generateSecretKey()).slice(0, 16)}-"q'\\ ünï: #x`;
@@ -54,15 +55,6 @@ async function expectRefused(reply: ReplyMessage, code: string): Promise<void> {
   expect(reply).toMatchObject({ type: 'error', code });
   expect(JSON.stringify(reply)).not.toContain(PASSWORD);
   expectOnlyLive();
-}
-
-function filesUnder(dir: string): string[] {
-  if (!existsSync(dir)) return [];
-  return readdirSync(dir).flatMap((name) => {
-    const p = join(dir, name);
-    const st = statSync(p);
-    return st.isDirectory() ? filesUnder(p) : st.isFile() ? [p] : [];
-  });
 }
 
 beforeAll(async () => {

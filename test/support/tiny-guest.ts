@@ -10,6 +10,7 @@ import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
+import type { KvmDriverConfig } from '../../src/drivers/kvm/config.js';
 
 export interface TinyGuest {
   dir: string;
@@ -79,4 +80,31 @@ export async function ensureTinyGuest(): Promise<TinyGuest> {
   const after = tinyGuestPaths();
   if (!tinyGuestBuilt(after)) throw new Error(`${TINY_GUEST_BUILD_SCRIPT} finished but outputs are missing in ${after.dir}`);
   return after;
+}
+
+/**
+ * A KVM driver config that boots the tiny guest under TCG with its SSH port on
+ * loopback: what driver-level tests share; each names its own folder, ports
+ * and qemu name prefix (so a test's cleanup never touches another's VMs).
+ */
+export function tinyDriverConfig(
+  guest: TinyGuest,
+  own: Pick<KvmDriverConfig, 'vmRoot' | 'portRange' | 'namePrefix'> & Partial<KvmDriverConfig>,
+): KvmDriverConfig {
+  return {
+    qemuBinary: 'qemu-system-x86_64',
+    qemuImgBinary: 'qemu-img',
+    isoTool: 'genisoimage',
+    accel: 'tcg',
+    baseImage: guest.baseImage,
+    baseImageFormat: 'qcow2',
+    kernel: guest.kernel,
+    initrd: guest.initrd,
+    append: guest.append,
+    bindAddress: '127.0.0.1',
+    pidfileTimeoutMs: 15_000,
+    stopTimeoutMs: 5_000,
+    readiness: guest.readiness,
+    ...own,
+  };
 }
