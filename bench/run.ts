@@ -37,7 +37,7 @@ import { buildQemuArgv, vmFile } from '../src/drivers/kvm/argv.js';
 import { buildCloudConfig } from '../src/drivers/kvm/cloud-config.js';
 import { canBind } from '../src/drivers/kvm/ports.js';
 import { openDm, sealDmRequest } from '../src/nostr/dm.js';
-import { signatureBackend, verifySignedEvent } from '../src/nostr/fast-crypto.js';
+import { ecdhBackend, signatureBackend, verifySignedEvent } from '../src/nostr/fast-crypto.js';
 import type { NostrEvent } from '../src/nostr/types.js';
 import { UnwrapPool } from '../src/nostr/unwrap-pool.js';
 import { hashPassword } from '../src/util/sha512crypt.js';
@@ -438,6 +438,7 @@ async function benchUnwrap(): Promise<Record<string, unknown>> {
     wraps: raws.length,
     senders: raws.length,
     signature_backend: signatureBackend,
+    ecdh_backend: ecdhBackend,
     nostr_tools_ms_per_wrap: r2(plainMs / raws.length),
     nostr_tools_wraps_per_s: Math.round((raws.length / plainMs) * 1000),
     agent_ms_per_wrap: r2(fastMs / raws.length),
