@@ -226,8 +226,4 @@ export class SpawnAdmission {
   get inFlight(): number {
     return this.reserved.size;
   }
-
-  get capacity(): HostCapacity {
-    return { ...this.limits.hostCapacity };
-  }
 }

@@ -65,12 +65,6 @@ export class LeaseStore {
     return [...this.leases.values()];
   }
 
-  countOwnedBy(owner: string): number {
-    let n = 0;
-    for (const l of this.leases.values()) if (l.owner === owner) n++;
-    return n;
-  }
-
   put(lease: Lease): void {
     writeFileAtomic(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
     this.leases.set(lease.workloadId, lease);

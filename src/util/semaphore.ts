@@ -15,12 +15,4 @@ export class Semaphore {
       this.waiting.shift()?.();
     }
   }
-
-  get inFlight(): number {
-    return this.active;
-  }
-
-  get queued(): number {
-    return this.waiting.length;
-  }
 }
