@@ -27,6 +27,7 @@
 import { createDecipheriv, createECDH, createHmac, timingSafeEqual, type ECDH } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { isMainThread } from 'node:worker_threads';
 // nostr-tools' own base64 codec (its dependency): strict where Buffer's is lenient.
 import { base64 } from '@scure/base';
 import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
@@ -91,9 +92,15 @@ interface NativeSecp256k1 {
  * ~0.1 ms per ECDH against ~1-2 ms for OpenSSL's generic curve code, which
  * dominated unwrap time (two per gift wrap). Loaded by name at run time; when
  * the addon cannot load (another platform, PAYGRESS_NO_NATIVE=1), OpenSSL it is.
+ *
+ * Main thread only: the raw x coordinate comes back through a JS callback that
+ * libsecp256k1 calls from C, and if the thread is being terminated at that
+ * moment (Worker.terminate(), as the unwrap pool does to a stuck worker) the
+ * addon's C++ exception cannot unwind through C and aborts the whole process.
+ * Unwrap workers use OpenSSL.
  */
 function loadNative(): NativeSecp256k1 | undefined {
-  if (process.env.PAYGRESS_NO_NATIVE === '1') return undefined;
+  if (process.env.PAYGRESS_NO_NATIVE === '1' || !isMainThread) return undefined;
   try {
     return createRequire(import.meta.url)('secp256k1/bindings') as NativeSecp256k1;
   } catch {
