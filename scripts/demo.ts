@@ -47,6 +47,7 @@ async function main(): Promise<void> {
           // This machine's /dev/kvm cannot boot stock kernels; production uses `auto`.
           accel: 'tcg',
           vmRoot: 'vms',
+          overlayTemplateDir: 'overlay-templates',
           baseImage: guest.baseImage,
           kernel: guest.kernel,
           initrd: guest.initrd,

@@ -57,6 +57,7 @@ function resolvePaths(cfg: Config, baseDir: string): Config {
       kvm: {
         ...kvm,
         vmRoot: abs(kvm.vmRoot),
+        overlayTemplateDir: abs(kvm.overlayTemplateDir),
         baseImage: abs(kvm.baseImage),
         ...(kvm.kernel ? { kernel: abs(kvm.kernel) } : {}),
         ...(kvm.initrd ? { initrd: abs(kvm.initrd) } : {}),

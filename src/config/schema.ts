@@ -41,6 +41,8 @@ export const KvmConfigSchema = z.object({
   /** `auto` uses KVM when /dev/kvm opens read-write, else TCG (slow) with a warning. */
   accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
   vmRoot: z.string().default('/var/lib/paygress-agent/vms'),
+  /** Cache of the disk-overlay templates qemu-img makes once per run (one ~200 KiB file per disk size). */
+  overlayTemplateDir: z.string().default('/var/cache/paygress-agent/overlays'),
   baseImage: z.string().min(1),
   baseImageFormat: z.enum(['qcow2', 'raw']).default('qcow2'),
   /** Where to download the base image from when it is missing (https, or http with a sha256). */

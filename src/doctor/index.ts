@@ -31,6 +31,7 @@ export async function runChecks(cfg: Config, opts: DoctorOptions): Promise<Check
   rows.push(await checkWritableDir('state dir', 'stateDir', cfg.stateDir));
   if (kvm) {
     rows.push(await checkWritableDir('vm dir', 'drivers.kvm.vmRoot', kvm.vmRoot));
+    rows.push(await checkWritableDir('overlay cache', 'drivers.kvm.overlayTemplateDir', kvm.overlayTemplateDir));
     rows.push(await checkPorts(kvm));
   }
   rows.push(checkPublicHost(cfg.provider.publicHost, kvm?.bindAddress));

@@ -65,6 +65,8 @@ export interface ComputeDriver {
    * `timeoutMs` passes. Resolves early with `died` the moment the process is gone.
    */
   waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
+  /** Let go of the driver's own helpers at shutdown; workloads keep running. */
+  close(): void;
 }
 
 /** A driver failure with a stable code the agent can map to a reply. */

@@ -181,6 +181,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
       await agent.drain();
       await supervisor.stop();
       outbox.close();
+      for (const d of Object.values(drivers)) d?.close();
       await pool.close();
       logger.info('agent stopped; workloads keep running');
     },

@@ -147,9 +147,39 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
 
     // Phases were logged with timings, and the password never was.
     const phases = logLines.map((l) => JSON.parse(l) as { phase?: string; ms?: number; msg?: string }).filter((l) => l.phase);
-    expect(phases.map((l) => l.phase)).toEqual(['overlay', 'seed', 'qemu', 'pidfile', 'destroy']);
+    // The seed is written beside overlay → qemu → pidfile; QMP attaches it and starts the VM last.
+    const order = phases.map((l) => l.phase);
+    expect([...order].sort()).toEqual(['destroy', 'overlay', 'pidfile', 'qemu', 'seed', 'start']);
+    expect(order.filter((p) => p !== 'seed')).toEqual(['overlay', 'qemu', 'pidfile', 'start', 'destroy']);
+    expect(order.indexOf('seed')).toBeLessThan(order.indexOf('start'));
     for (const l of phases) expect(typeof l.ms).toBe('number');
     expect(logLines.join('\n')).not.toContain(PASSWORD);
+  });
+
+  it('attaches the seed before the guest runs: the guest kernel finds it at boot as its second disk', async () => {
+    // loglevel=6: the kernel prints each virtio disk it finds.
+    const d = driver({ append: 'console=ttyS0 loglevel=6' });
+    const h = await d.create(spec('seedboot'));
+    const seedSectors = statSync(join(h.dir, 'seed.iso')).size / 512;
+    let log = '';
+    await until(async () => (log = readFileSync(join(h.dir, 'serial.log'), 'utf8')).includes(TINY_GUEST_MARKER), 60_000, 'guest up');
+    expect(log).toMatch(/\[vda\] 4194304 512-byte logical blocks/);
+    expect(log).toContain(`[vdb] ${seedSectors} 512-byte logical blocks`);
+    // QMP answered and was hung up on; the socket stays for the next time the agent needs it.
+    expect(statSync(join(h.dir, 'qmp.sock')).isSocket()).toBe(true);
+    await d.destroy('seedboot');
+  });
+
+  it('stops the paused qemu and frees everything when the seed cannot be written', async () => {
+    const d = driver({ portRange: { from: 42032, to: 42032 }, isoTool: join(root, 'no-such-genisoimage') });
+    for (let i = 0; i < 2; i++) {
+      const err = await d.create(spec('noseed')).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(DriverError);
+      expect((err as DriverError).message).toMatch(/seed ISO creation failed/);
+      expect(readdirSync(config().vmRoot)).not.toContain('noseed');
+      expect(qemuPidsMatching('paygress-kvmtest-noseed')).toEqual([]);
+      expect(await isFree(42032)).toBe(true);
+    }
   });
 
   it('gives concurrent creates different ports', async () => {

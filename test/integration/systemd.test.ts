@@ -133,6 +133,7 @@ describe('systemd unit, sysusers and tmpfiles', () => {
           kvm: {
             accel: 'tcg',
             vmRoot: join(state, 'vms'),
+            overlayTemplateDir: join(state, 'cache'),
             baseImage: join(g, 'base.qcow2'),
             kernel: join(g, 'vmlinuz'),
             initrd: join(g, 'initrd.img'),

@@ -106,6 +106,7 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
         kvm: {
           accel: 'tcg',
           vmRoot,
+          overlayTemplateDir: join(root, 'overlay-templates'),
           baseImage: opts.guest.baseImage,
           ...(opts.guest.kernel ? { kernel: opts.guest.kernel } : {}),
           ...(opts.guest.initrd ? { initrd: opts.guest.initrd } : {}),

@@ -7,7 +7,7 @@
  */
 import { readFileSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import type { KvmDriverConfig } from '../../src/drivers/kvm/config.js';
@@ -105,6 +105,8 @@ export function tinyDriverConfig(
     pidfileTimeoutMs: 15_000,
     stopTimeoutMs: 5_000,
     readiness: guest.readiness,
+    // Beside the VM root, not in it: tests expect an empty VM root after stops.
+    overlayTemplateDir: join(dirname(own.vmRoot), `${basename(own.vmRoot)}-overlay-templates`),
     ...own,
   };
 }

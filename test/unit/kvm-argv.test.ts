@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { buildQemuArgv, QEMU_SANDBOX, type QemuArgs } from '../../src/drivers/kvm/argv.js';
+import { attachSeedAndStart, buildQemuArgv, QEMU_SANDBOX, type QemuArgs } from '../../src/drivers/kvm/argv.js';
 import { resolveAccel } from '../../src/drivers/kvm/accel.js';
 import { argvHasVmName } from '../../src/drivers/kvm/process.js';
 import { qemuOptionValue, QemuOptionError } from '../../src/drivers/kvm/qemu-option.js';
@@ -71,20 +71,46 @@ describe('buildQemuArgv', () => {
     expect(after(a, '-device')).toBe('virtio-net-pci,netdev=net0');
   });
 
-  it('attaches the overlay as qcow2 and the seed read-only raw, serial to a file', () => {
+  it('attaches the overlay as qcow2, serial to a file, and starts paused with a QMP socket for the seed', () => {
     const a = buildQemuArgv(args());
+    expect(allAfter(a, '-drive')).toEqual([
+      'file=/var/lib/paygress/vms/vm1/disk.qcow2,if=virtio,format=qcow2,cache=writeback',
+    ]);
+    expect(after(a, '-chardev')).toBe('file,id=serial0,path=/var/lib/paygress/vms/vm1/serial.log');
+    expect(after(a, '-serial')).toBe('chardev:serial0');
+    expect(after(a, '-qmp')).toBe('unix:/var/lib/paygress/vms/vm1/qmp.sock,server=on,wait=off');
+    expect(a).toContain('-S');
+  });
+
+  it('with seedAtStart puts the seed read-only raw on the command line and runs at once', () => {
+    const a = buildQemuArgv(args({ seedAtStart: true }));
     expect(allAfter(a, '-drive')).toEqual([
       'file=/var/lib/paygress/vms/vm1/disk.qcow2,if=virtio,format=qcow2,cache=writeback',
       'file=/var/lib/paygress/vms/vm1/seed.iso,if=virtio,format=raw,readonly=on',
     ]);
-    expect(after(a, '-chardev')).toBe('file,id=serial0,path=/var/lib/paygress/vms/vm1/serial.log');
-    expect(after(a, '-serial')).toBe('chardev:serial0');
+    expect(a).not.toContain('-S');
+  });
+
+  it('the QMP commands attach the seed read-only as a virtio disk, then start the VM', () => {
+    // A path with a comma and a quote stays one JSON string: QMP needs no option escaping.
+    const cmds = attachSeedAndStart('/srv/vms,format=raw/x"y');
+    expect(cmds.map((c) => c.execute)).toEqual(['blockdev-add', 'device_add', 'cont']);
+    expect(cmds[0]!.arguments).toEqual({
+      driver: 'raw',
+      'node-name': 'seed',
+      'read-only': true,
+      file: { driver: 'file', filename: '/srv/vms,format=raw/x"y/seed.iso', 'read-only': true },
+    });
+    expect(cmds[1]!.arguments).toEqual({ driver: 'virtio-blk-pci', drive: 'seed', id: 'seed0' });
+    expect(JSON.parse(JSON.stringify(cmds))).toEqual(cmds);
+    expect(() => attachSeedAndStart('relative/dir')).toThrow(RangeError);
   });
 
   it('escapes a directory containing commas so it cannot add options', () => {
     const a = buildQemuArgv(args({ dir: '/srv/vms,format=raw/x' }));
     expect(allAfter(a, '-drive')[0]).toBe('file=/srv/vms,,format=raw/x/disk.qcow2,if=virtio,format=qcow2,cache=writeback');
     expect(after(a, '-chardev')).toBe('file,id=serial0,path=/srv/vms,,format=raw/x/serial.log');
+    expect(after(a, '-qmp')).toBe('unix:/srv/vms,,format=raw/x/qmp.sock,server=on,wait=off');
     // -pidfile is a plain argument, not an option string: taken literally.
     expect(after(a, '-pidfile')).toBe('/srv/vms,format=raw/x/qemu.pid');
   });

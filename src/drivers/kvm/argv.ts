@@ -34,6 +34,13 @@ export interface QemuArgs {
   /** Add `-sandbox` (seccomp). Default true. */
   sandbox?: boolean;
   /**
+   * `false` (what the driver does): the VM starts paused (`-S`) without the
+   * seed, and the driver attaches the seed over QMP (`attachSeedAndStart`)
+   * and starts it, so the seed is written while qemu initialises. `true`: the
+   * seed is on the command line and the VM runs at once (the bench's floor).
+   */
+  seedAtStart?: boolean;
+  /**
    * `user`: qemu's user-mode network with `hostfwd` (the guest can reach the
    * host's loopback at 10.0.2.2). `restricted`: the same with `restrict=on`:
    * the SSH hostfwd still works, every guest-initiated connection is dropped.
@@ -53,6 +60,7 @@ export const VM_FILES = {
   passtSocket: 'passt.sock',
   passtPidfile: 'passt.pid',
   passtLog: 'passt.log',
+  qmpSocket: 'qmp.sock',
 } as const;
 
 export function vmFile(dir: string, file: keyof typeof VM_FILES): string {
@@ -89,7 +97,7 @@ export function buildQemuArgv(a: QemuArgs): string[] {
     '-chardev', `file,id=serial0,path=${opt(vmFile(a.dir, 'serialLog'))}`,
     '-serial', 'chardev:serial0',
     '-drive', `file=${opt(vmFile(a.dir, 'disk'))},if=virtio,format=qcow2,cache=writeback`,
-    '-drive', `file=${opt(vmFile(a.dir, 'seed'))},if=virtio,format=raw,readonly=on`,
+    ...(a.seedAtStart ? ['-drive', `file=${opt(vmFile(a.dir, 'seed'))},if=virtio,format=raw,readonly=on`] : []),
     '-netdev', a.network === 'passt'
       // passt listens on the SSH port itself; qemu only talks to its socket.
       ? `stream,id=net0,server=off,addr.type=unix,addr.path=${opt(vmFile(a.dir, 'passtSocket'))}`
@@ -101,8 +109,40 @@ export function buildQemuArgv(a: QemuArgs): string[] {
     if (a.initrd !== undefined) argv.push('-initrd', plain(a.initrd));
     if (a.append !== undefined) argv.push('-append', plain(a.append));
   }
+  // The agent's control channel; a unix socket in the workload's 0700 folder.
+  argv.push('-qmp', `unix:${opt(vmFile(a.dir, 'qmpSocket'))},server=on,wait=off`);
+  if (!a.seedAtStart) argv.push('-S');
   if (a.sandbox ?? true) argv.push('-sandbox', QEMU_SANDBOX);
   // The daemonizing parent exits once the VM is set up; the pidfile exists by then.
   argv.push('-daemonize', '-pidfile', plain(vmFile(a.dir, 'pidfile')));
   return argv;
+}
+
+export interface QmpCommand {
+  execute: string;
+  arguments?: Record<string, unknown>;
+}
+
+/**
+ * What the driver tells a VM started paused once its seed ISO is written:
+ * attach the seed read-only as a second virtio disk, then run. Added before
+ * the guest ever runs, the disk is there when firmware and kernel enumerate
+ * PCI, as if it had been on the command line. QMP is JSON, so the path needs
+ * no qemu option escaping.
+ */
+export function attachSeedAndStart(dir: string): QmpCommand[] {
+  if (!path.isAbsolute(dir)) throw new RangeError('dir must be absolute');
+  return [
+    {
+      execute: 'blockdev-add',
+      arguments: {
+        driver: 'raw',
+        'node-name': 'seed',
+        'read-only': true,
+        file: { driver: 'file', filename: vmFile(dir, 'seed'), 'read-only': true },
+      },
+    },
+    { execute: 'device_add', arguments: { driver: 'virtio-blk-pci', drive: 'seed', id: 'seed0' } },
+    { execute: 'cont' },
+  ];
 }

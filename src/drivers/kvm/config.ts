@@ -13,6 +13,11 @@ export interface KvmDriverConfig {
   accel: 'auto' | 'kvm' | 'tcg';
   /** One directory per workload is made under here. */
   vmRoot: string;
+  /**
+   * Folder for the per-size overlay templates qemu-img makes once per run
+   * (overlay.ts); a cache, safe to delete while the agent is stopped.
+   */
+  overlayTemplateDir: string;
   /** Absolute path of the read-only base image every overlay backs onto. */
   baseImage: string;
   baseImageFormat: 'qcow2' | 'raw';

@@ -8,7 +8,7 @@ import { chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/pr
 import path from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from '../../util/logger.js';
-import { hashPassword } from '../../util/sha512crypt.js';
+import { LibcryptHasher, type PasswordHasher } from '../../util/password-hasher.js';
 import {
   DriverError,
   type ComputeDriver,
@@ -18,12 +18,14 @@ import {
   type WorkloadSpec,
 } from '../types.js';
 import { resolveAccel } from './accel.js';
-import { buildQemuArgv, vmFile } from './argv.js';
+import { attachSeedAndStart, buildQemuArgv, vmFile } from './argv.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { findVmPids, isAlive, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { OverlayError, OverlayTemplates } from './overlay.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
+import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
 import { probeHost, probeSshBanner, readConsoleTail } from './readiness.js';
 
@@ -38,7 +40,8 @@ export interface VmMeta {
   readyToken: string;
 }
 
-const ID_RE = /^[a-z0-9-]{1,40}$/;
+const MAX_ID_LENGTH = 40;
+const ID_RE = new RegExp(`^[a-z0-9-]{1,${MAX_ID_LENGTH}}$`);
 const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
 const PORT_TRIES = 5;
 
@@ -50,6 +53,7 @@ function tail(text: string | undefined, max = 2000): string {
 export class KvmDriver implements ComputeDriver {
   readonly kind = 'kvm';
   private readonly ports: PortAllocator;
+  private readonly overlays: OverlayTemplates;
   private accel: Promise<'kvm' | 'tcg'> | undefined;
   /** Serialises create/destroy per id so a destroy never races a half-done create. */
   private readonly locks = new Map<string, Promise<unknown>>();
@@ -57,10 +61,17 @@ export class KvmDriver implements ComputeDriver {
   constructor(
     private readonly config: KvmDriverConfig,
     private readonly logger: Logger,
+    private readonly hasher: PasswordHasher = new LibcryptHasher({ logger }),
   ) {
     if (!path.isAbsolute(config.vmRoot)) throw new RangeError('vmRoot must be an absolute path');
     if (!path.isAbsolute(config.baseImage)) throw new RangeError('baseImage must be an absolute path');
+    // qemu's QMP socket lives in the workload folder, and a unix socket path has at most 107 bytes.
+    const longestSocket = vmFile(path.join(config.vmRoot, 'x'.repeat(MAX_ID_LENGTH)), 'qmpSocket');
+    if (Buffer.byteLength(longestSocket) > 107) {
+      throw new RangeError(`vmRoot is too long: its workloads' QMP socket paths would exceed 107 bytes (keep drivers.kvm.vmRoot under ${107 - (longestSocket.length - config.vmRoot.length)} bytes)`);
+    }
     this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
+    this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);
   }
 
   vmName(id: string): string {
@@ -122,116 +133,35 @@ export class KvmDriver implements ComputeDriver {
       // mkdir's mode is filtered by the umask; make it exactly 0700.
       await chmod(dir, 0o700);
 
-      // Overlay and seed are independent: qemu-img runs while the password is
-      // hashed and the ISO written. Both are awaited before anything else, so a
-      // failure of either leaves no step running when the cleanup below removes
-      // the directory.
+      // The seed (password hash + ISO) is written while the overlay is copied
+      // and qemu initialises: qemu starts paused without it, and gets it over
+      // QMP once both are done. Both branches are awaited before anything
+      // else, so a failure of either leaves no step running when the cleanup
+      // below removes the directory; `launched` says what the cleanup must free.
       const uuid = randomUUID();
       const readyToken = randomBytes(12).toString('base64url');
-      const overlayStart = Date.now();
-      const overlay = this.createOverlay(dir, spec.diskGb).then(() => {
+      const launched: { port?: number; pid?: number } = {};
+      const seed = this.writeSeed(dir, spec, { readyToken, instanceId: `${id}-${uuid}` }, log);
+      const launch = (async () => {
+        const overlayStart = Date.now();
+        await this.createOverlay(dir, spec.diskGb);
         log.info({ phase: 'overlay', ms: Date.now() - overlayStart }, 'disk overlay created');
-      });
-      const seed = (async () => {
-        const seedStart = Date.now();
-        // The plaintext password lives only in `spec`; from here on only its hash exists.
-        const files = buildCloudConfig({
-          hostname: spec.hostname,
-          passwordHash: hashPassword(spec.rootPassword),
-          sshKeys: spec.sshKeys,
-          finalMessageToken: readyToken,
-          instanceId: `${id}-${uuid}`,
-        });
-        try {
-          await writeSeedIso({ dir, isoTool: config.isoTool, files, output: vmFile(dir, 'seed') });
-        } catch (err) {
-          throw new DriverError('internal', 'seed ISO creation failed', tail(errText(err)));
-        }
-        log.info({ phase: 'seed', ms: Date.now() - seedStart }, 'seed ISO written');
+        await this.launch({ dir, name, uuid, readyToken, spec, log }, launched);
       })();
-      const [overlayDone, seedDone] = await Promise.allSettled([overlay, seed]);
-      if (overlayDone.status === 'rejected') throw overlayDone.reason;
+      const [seedDone, launchDone] = await Promise.allSettled([seed, launch]);
+      port = launched.port;
+      pid = launched.pid;
+      if (launchDone.status === 'rejected') throw launchDone.reason;
       if (seedDone.status === 'rejected') throw seedDone.reason;
-
-      const accel = await this.resolvedAccel();
-      const tried = new Set<number>();
-      for (let attempt = 1; ; attempt++) {
-        port = await this.ports.allocate(tried);
-        if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
-        tried.add(port);
-        const meta: VmMeta = { id, name, uuid, sshPort: port, createdAt: new Date().toISOString(), readyToken };
-        await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
-
-        if (this.network === 'passt' && (await this.startPasst(dir, port, log)) === 'port-taken') {
-          if (attempt >= PORT_TRIES) throw new DriverError('launch_failed', `passt could not bind SSH port ${port}`);
-          log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
-          this.ports.release(port);
-          port = undefined;
-          continue;
-        }
-
-        // qemu creates the serial log 0640 (its daemonize sets umask 027);
-        // an existing file keeps its mode, so make it 0600 first.
-        await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
-        await chmod(vmFile(dir, 'serialLog'), 0o600);
-
-        const argv = buildQemuArgv({
-          accel,
-          name,
-          uuid,
-          dir,
-          vcpus: spec.vcpus,
-          memoryMb: spec.memoryMb,
-          bindAddress: config.bindAddress,
-          sshPort: port,
-          kernel: config.kernel,
-          initrd: config.initrd,
-          append: config.append,
-          network: this.network,
-        });
-        const t = Date.now();
-        const launch = execa(config.qemuBinary, argv, {
-          stdin: 'ignore',
-          stdout: 'ignore',
-          stderr: 'pipe',
-          reject: false,
-          // The daemonizing parent returns once the VM is set up; bound it anyway.
-          timeout: config.pidfileTimeoutMs,
-        });
-        const early = this.lowerPriorityWhileLaunching(dir, name, launch, log);
-        const res = await launch;
-        await early;
-        log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
-        if (res.exitCode === 0) break;
-
-        // The parent failed, but a child may exist (e.g. the launcher timed out): find it by name.
-        await this.killByName(name, dir);
-        const stderr = tail(res.stderr as string | undefined);
-        if (stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
-          log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
-          this.ports.release(port);
-          port = undefined;
-          continue;
-        }
-        if (res.timedOut) throw new DriverError('timeout', 'qemu did not daemonize in time', stderr);
-        if (res.failed && res.exitCode === undefined) {
-          throw new DriverError('launch_failed', `qemu could not be started: ${res.shortMessage ?? 'unknown error'}`, stderr);
-        }
-        throw new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
-      }
+      if (pid === undefined || port === undefined) throw new DriverError('internal', 'qemu launch left no pid');
 
       const t = Date.now();
-      pid = await waitForPidfile(vmFile(dir, 'pidfile'), config.pidfileTimeoutMs);
-      if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
-      if (!(await isVmProcess(pid, name))) {
-        throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
+      try {
+        await runQmp(vmFile(dir, 'qmpSocket'), attachSeedAndStart(dir), config.pidfileTimeoutMs);
+      } catch (err) {
+        throw new DriverError('launch_failed', 'could not attach the seed and start the VM', errText(err));
       }
-      if (this.guestNice > 0) {
-        // Again now that the launcher is done: threads made since the early pass.
-        const lowered = await lowerProcessPriority(pid, this.guestNice);
-        log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered');
-      }
-      log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: port, totalMs: Date.now() - t0 }, 'workload started');
+      log.info({ phase: 'start', ms: Date.now() - t, pid, sshPort: port, totalMs: Date.now() - t0 }, 'workload started');
       return { id, pid, sshPort: port, dir };
     } catch (err) {
       // Release everything taken so far, in reverse order, then reject.
@@ -251,17 +181,131 @@ export class KvmDriver implements ComputeDriver {
     }
   }
 
+  /** Hash the password, write the NoCloud seed ISO. The plaintext lives only in `spec`; from here on only its hash exists. */
+  private async writeSeed(
+    dir: string,
+    spec: WorkloadSpec,
+    ids: { readyToken: string; instanceId: string },
+    log: Logger,
+  ): Promise<void> {
+    const seedStart = Date.now();
+    const files = buildCloudConfig({
+      hostname: spec.hostname,
+      passwordHash: await this.hasher.hash(spec.rootPassword),
+      sshKeys: spec.sshKeys,
+      finalMessageToken: ids.readyToken,
+      instanceId: ids.instanceId,
+    });
+    try {
+      await writeSeedIso({ dir, isoTool: this.config.isoTool, files, output: vmFile(dir, 'seed') });
+    } catch (err) {
+      throw new DriverError('internal', 'seed ISO creation failed', tail(errText(err)));
+    }
+    log.info({ phase: 'seed', ms: Date.now() - seedStart }, 'seed ISO written');
+  }
+
+  /**
+   * Take a port and start qemu paused on it (retrying the next port when the
+   * forward cannot bind), wait for its pidfile and check the pid is this VM.
+   * Records the port and pid in `taken` as soon as they are held, for the
+   * caller's cleanup.
+   */
+  private async launch(
+    vm: { dir: string; name: string; uuid: string; readyToken: string; spec: WorkloadSpec; log: Logger },
+    taken: { port?: number; pid?: number },
+  ): Promise<void> {
+    const { config } = this;
+    const { dir, name, uuid, readyToken, spec, log } = vm;
+    const accel = await this.resolvedAccel();
+    const tried = new Set<number>();
+    for (let attempt = 1; ; attempt++) {
+      const port = await this.ports.allocate(tried);
+      if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
+      taken.port = port;
+      tried.add(port);
+      const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, createdAt: new Date().toISOString(), readyToken };
+      await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+
+      if (this.network === 'passt' && (await this.startPasst(dir, port, log)) === 'port-taken') {
+        if (attempt >= PORT_TRIES) throw new DriverError('launch_failed', `passt could not bind SSH port ${port}`);
+        log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
+        this.ports.release(port);
+        taken.port = undefined;
+        continue;
+      }
+
+      // qemu creates the serial log 0640 (its daemonize sets umask 027);
+      // an existing file keeps its mode, so make it 0600 first.
+      await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
+      await chmod(vmFile(dir, 'serialLog'), 0o600);
+
+      const argv = buildQemuArgv({
+        accel,
+        name,
+        uuid,
+        dir,
+        vcpus: spec.vcpus,
+        memoryMb: spec.memoryMb,
+        bindAddress: config.bindAddress,
+        sshPort: port,
+        kernel: config.kernel,
+        initrd: config.initrd,
+        append: config.append,
+        network: this.network,
+      });
+      const t = Date.now();
+      const launcher = execa(config.qemuBinary, argv, {
+        stdin: 'ignore',
+        stdout: 'ignore',
+        stderr: 'pipe',
+        reject: false,
+        // The daemonizing parent returns once the VM is set up; bound it anyway.
+        timeout: config.pidfileTimeoutMs,
+      });
+      const early = this.lowerPriorityWhileLaunching(dir, name, launcher, log);
+      const res = await launcher;
+      await early;
+      log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
+      if (res.exitCode === 0) break;
+
+      // The parent failed, but a child may exist (e.g. the launcher timed out): find it by name.
+      await this.killByName(name, dir);
+      const stderr = tail(res.stderr as string | undefined);
+      if (stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
+        log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
+        this.ports.release(port);
+        taken.port = undefined;
+        continue;
+      }
+      if (res.timedOut) throw new DriverError('timeout', 'qemu did not daemonize in time', stderr);
+      if (res.failed && res.exitCode === undefined) {
+        throw new DriverError('launch_failed', `qemu could not be started: ${res.shortMessage ?? 'unknown error'}`, stderr);
+      }
+      throw new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
+    }
+
+    const t = Date.now();
+    const pid = await waitForPidfile(vmFile(dir, 'pidfile'), config.pidfileTimeoutMs);
+    if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
+    taken.pid = pid;
+    if (!(await isVmProcess(pid, name))) {
+      taken.pid = undefined;
+      throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
+    }
+    if (this.guestNice > 0) {
+      // Again now that the launcher is done: threads made since the early pass.
+      const lowered = await lowerProcessPriority(pid, this.guestNice);
+      log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered');
+    }
+    log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: taken.port }, 'qemu running, paused');
+  }
+
   private async createOverlay(dir: string, diskGb: number): Promise<void> {
     if (!Number.isInteger(diskGb) || diskGb <= 0) throw new DriverError('internal', 'diskGb must be a positive integer');
-    // Absolute paths: qemu-img resolves a relative backing path against the overlay's folder.
-    const res = await execa(
-      this.config.qemuImgBinary,
-      ['create', '-q', '-f', 'qcow2', '-b', path.resolve(this.config.baseImage), '-F', this.config.baseImageFormat,
-        vmFile(dir, 'disk'), `${diskGb}G`],
-      { stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', reject: false },
-    );
-    if (res.exitCode !== 0) {
-      throw new DriverError('internal', 'disk overlay creation failed', tail((res.stderr as string | undefined) ?? res.shortMessage));
+    try {
+      await this.overlays.create(vmFile(dir, 'disk'), diskGb);
+    } catch (err) {
+      throw new DriverError('internal', 'disk overlay creation failed', tail(err instanceof OverlayError ? err.detail : errText(err)));
     }
   }
 
@@ -356,6 +400,11 @@ export class KvmDriver implements ComputeDriver {
       throw new DriverError('launch_failed', 'passt did not stay up (no pidfile or wrong process)');
     }
     return 'ok';
+  }
+
+  /** Let go of helper processes; workloads keep running. */
+  close(): void {
+    this.hasher.close();
   }
 
   destroy(id: string): Promise<void> {
