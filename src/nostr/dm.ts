@@ -5,11 +5,12 @@
  * `openDm` is total: whatever a relay sends, it returns a reason instead of
  * throwing, so one hostile event can never take the receive loop down.
  */
-import { generateSecretKey, getEventHash } from 'nostr-tools/pure';
+import { generateSecretKey } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
-import * as nip44 from 'nostr-tools/nip44';
 import {
   fastConversationKey,
+  fastEventHash,
+  fastNip44Encrypt,
   fastNip04Decrypt,
   fastNip44Decrypt,
   fastPublicKey,
@@ -140,7 +141,7 @@ function openGiftWrap(wrap: NostrEvent, sk: Uint8Array, received: NostrEvent): O
     tags: rumor.tags,
     content: rumor.content,
   };
-  const id = getEventHash(unsigned);
+  const id = fastEventHash(unsigned);
   if (rumor.id !== undefined && rumor.id !== id) return { ok: false, reason: 'bad_shape' };
 
   return {
@@ -230,13 +231,13 @@ export function sealDmRequest(opts: SealDmOptions): { event: NostrEvent; request
   }
 
   const rumorBody = { pubkey: fastPublicKey(opts.sk), created_at: now, kind: KIND_PRIVATE_DM, tags, content: opts.content };
-  const rumor = { ...rumorBody, id: getEventHash(rumorBody) };
+  const rumor = { ...rumorBody, id: fastEventHash(rumorBody) };
   const seal = signEvent(
     {
       kind: KIND_SEAL,
       created_at: randomPast(now),
       tags: [],
-      content: nip44.encrypt(JSON.stringify(rumor), conversationKey(opts.sk, recipient)),
+      content: fastNip44Encrypt(JSON.stringify(rumor), conversationKey(opts.sk, recipient)),
     },
     opts.sk,
   );
@@ -247,7 +248,7 @@ export function sealDmRequest(opts: SealDmOptions): { event: NostrEvent; request
       kind: KIND_GIFT_WRAP,
       created_at: randomPast(now),
       tags: [['p', recipient]],
-      content: nip44.encrypt(JSON.stringify(seal), conversationKey(ephemeral, recipient)),
+      content: fastNip44Encrypt(JSON.stringify(seal), conversationKey(ephemeral, recipient)),
     },
     ephemeral,
   );

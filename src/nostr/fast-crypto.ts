@@ -24,7 +24,7 @@
  * Everything falls back to nostr-tools when a fast part is unavailable.
  * Byte-identity with nostr-tools is tested in test/unit/fast-unwrap.test.ts.
  */
-import { createDecipheriv, createECDH, createHmac, timingSafeEqual, type ECDH } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createECDH, createHash, createHmac, randomBytes, timingSafeEqual, type ECDH } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { isMainThread } from 'node:worker_threads';
@@ -85,6 +85,10 @@ const wasm: WasmVerifier | undefined = await loadWasm();
 
 /** libsecp256k1's ECDH through the `secp256k1` package's native addon (prebuilt for linux-x64). */
 interface NativeSecp256k1 {
+  /** True when `seckey` is in [1, n-1]. */
+  privateKeyVerify(seckey: Uint8Array): boolean;
+  /** SEC1 public key of `seckey` (33 bytes when compressed). */
+  publicKeyCreate(seckey: Uint8Array, compressed: boolean): Uint8Array;
   ecdh(pubkey: Uint8Array, seckey: Uint8Array, opts: { hashfn: (x: Uint8Array) => Uint8Array }, output: Uint8Array): Uint8Array;
 }
 
@@ -115,7 +119,7 @@ export const ecdhBackend: 'libsecp256k1' | 'openssl' = native ? 'libsecp256k1' :
 
 /** Shared x of sk·P for a compressed point; throws when P is not on the curve (both backends). */
 function computeSharedX(state: KeyState, point: Buffer): Buffer {
-  if (!native) return state.ecdh.computeSecret(point);
+  if (!native) return openssl(state).computeSecret(point);
   // hashfn returning x unchanged makes libsecp256k1 yield the raw x coordinate, as OpenSSL does.
   return Buffer.from(native.ecdh(point, state.sk, { hashfn: (x) => x }, Buffer.alloc(32)));
 }
@@ -131,10 +135,22 @@ const HEX128 = /^[0-9a-f]{128}$/;
 const CONVERSATION_CACHE_MAX = 512;
 
 interface KeyState {
-  /** Copy of the secret key the ECDH object was made from: a caller may overwrite its array. */
+  /** Copy of the secret key: a caller may overwrite its array. */
   sk: Buffer;
-  ecdh: ECDH;
+  /** OpenSSL's ECDH object, made only when libsecp256k1 is not loaded (its set-up costs a scalar multiplication). */
+  ecdh?: ECDH;
+  /** x-only public key, hex, once asked for. */
+  pubkey?: string;
   conversations: Map<string, Uint8Array>;
+}
+
+function openssl(state: KeyState): ECDH {
+  if (!state.ecdh) {
+    const ecdh = createECDH('secp256k1');
+    ecdh.setPrivateKey(state.sk);
+    state.ecdh = ecdh;
+  }
+  return state.ecdh;
 }
 
 const keyStates = new WeakMap<Uint8Array, KeyState>();
@@ -142,10 +158,10 @@ const keyStates = new WeakMap<Uint8Array, KeyState>();
 function keyState(sk: Uint8Array): KeyState {
   const known = keyStates.get(sk);
   if (known && known.sk.length === sk.length && timingSafeEqual(known.sk, sk)) return known;
+  const state: KeyState = { sk: Buffer.from(sk), conversations: new Map() };
   // Throws for a secret key outside [1, n-1], as nostr-tools does.
-  const ecdh = createECDH('secp256k1');
-  ecdh.setPrivateKey(sk);
-  const state: KeyState = { sk: Buffer.from(sk), ecdh, conversations: new Map() };
+  if (!native) openssl(state);
+  else if (sk.length !== 32 || !native.privateKeyVerify(sk)) throw new Error('invalid secret key');
   keyStates.set(sk, state);
   return state;
 }
@@ -163,7 +179,11 @@ export function sharedX(sk: Uint8Array, pubkeyHex: string): Buffer {
 /** x-only public key (hex) of `sk`, from the cached native ECDH object. Equal to nostr-tools' `getPublicKey`. */
 export function fastPublicKey(sk: Uint8Array): string {
   // Compressed SEC1: 02/03 prefix, then x.
-  return keyState(sk).ecdh.getPublicKey(undefined, 'compressed').subarray(1).toString('hex');
+  const state = keyState(sk);
+  state.pubkey ??= native
+    ? Buffer.from(native.publicKeyCreate(state.sk, true)).subarray(1).toString('hex')
+    : openssl(state).getPublicKey(undefined, 'compressed').subarray(1).toString('hex');
+  return state.pubkey;
 }
 
 /** NIP-44 v2 conversation key: HKDF-extract(salt = "nip44-v2", ikm = shared x). Equal to `nip44.getConversationKey`. */
@@ -295,6 +315,33 @@ export function fastNip44Decrypt(payload: string, conversationKey: Uint8Array): 
 }
 
 const utf8 = new TextDecoder('utf-8');
+
+/**
+ * `nip44.encrypt` (v2) with Node's HMAC and ChaCha20: byte-identical for the
+ * same nonce (tested). Plaintexts that need the extended length prefix, empty
+ * ones and odd key or nonce sizes go to nostr-tools, which also raises its own
+ * errors for them.
+ */
+export function fastNip44Encrypt(plaintext: string, conversationKey: Uint8Array, nonce: Uint8Array = randomBytes(32)): string {
+  const unpadded = Buffer.from(plaintext, 'utf8');
+  if (conversationKey.length !== 32 || nonce.length !== 32 || unpadded.length < NIP44_MIN_PLAINTEXT || unpadded.length >= NIP44_EXTENDED_PREFIX) {
+    return nip44.encrypt(plaintext, conversationKey, nonce);
+  }
+  const padded = Buffer.alloc(2 + paddedLength(unpadded.length));
+  padded.writeUInt16BE(unpadded.length, 0);
+  unpadded.copy(padded, 2);
+  const keys = hkdfExpand(conversationKey, nonce, 76);
+  const cipher = createCipheriv('chacha20', keys.subarray(0, 32), Buffer.concat([Buffer.alloc(4), keys.subarray(32, 44)]));
+  const ciphertext = Buffer.concat([cipher.update(padded), cipher.final()]);
+  const mac = createHmac('sha256', keys.subarray(44, 76)).update(nonce).update(ciphertext).digest();
+  keys.fill(0);
+  return Buffer.concat([Uint8Array.of(2), nonce, ciphertext, mac]).toString('base64');
+}
+
+/** nostr-tools' `getEventHash` (sha256 of the NIP-01 serialisation) with OpenSSL's SHA-256. */
+export function fastEventHash(ev: { pubkey: string; created_at: number; kind: number; tags: string[][]; content: string }): string {
+  return createHash('sha256').update(JSON.stringify([0, ev.pubkey, ev.created_at, ev.kind, ev.tags, ev.content])).digest('hex');
+}
 
 // --- signatures ---------------------------------------------------------------
 

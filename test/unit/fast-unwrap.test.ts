@@ -5,14 +5,16 @@
  */
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { finalizeEvent, generateSecretKey, getPublicKey, verifyEvent } from 'nostr-tools/pure';
+import { finalizeEvent, generateSecretKey, getEventHash, getPublicKey, verifyEvent } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
 import * as nip17 from 'nostr-tools/nip17';
 import * as nip44 from 'nostr-tools/nip44';
-import { openDm } from '../../src/nostr/dm.js';
+import { openDm, sealDm } from '../../src/nostr/dm.js';
 import {
   fastConversationKey,
+  fastEventHash,
   fastNip04Decrypt,
+  fastNip44Encrypt,
   fastNip44Decrypt,
   fastPublicKey,
   sharedX,
@@ -276,6 +278,60 @@ describe('openDm on the fast path', () => {
     const ev = finalizeEvent({ kind: 4, created_at: 1_700_000_000, tags: [['p', getPublicKey(me)]], content }, sender);
     const opened = openDm(ev, me, getPublicKey(me));
     expect(opened).toMatchObject({ ok: true, dm: { content: nip04.decrypt(me, getPublicKey(sender), content), sender: getPublicKey(sender) } });
+  });
+});
+
+describe('NIP-44 encrypt and event ids (the sealing side)', () => {
+  it('encrypt equals nip44.encrypt byte for byte for the same nonce', () => {
+    fc.assert(
+      fc.property(fc.string({ minLength: 1, maxLength: 600, unit: 'grapheme' }), fc.uint8Array({ minLength: 32, maxLength: 32 }), (text, nonce) => {
+        const key = nip44.getConversationKey(generateSecretKey(), getPublicKey(generateSecretKey()));
+        expect(fastNip44Encrypt(text, key, nonce)).toBe(nip44.encrypt(text, key, nonce));
+      }),
+      { numRuns: 120 },
+    );
+  });
+
+  it('covers every padding class and hands nostr-tools what needs its extended prefix or its errors', () => {
+    const key = nip44.getConversationKey(generateSecretKey(), getPublicKey(generateSecretKey()));
+    const nonce = new Uint8Array(32).fill(7);
+    for (const n of [1, 31, 32, 33, 64, 255, 256, 257, 1000, 4096, 65_535, 65_536, 70_000]) {
+      const text = 'a'.repeat(n);
+      expect(fastNip44Encrypt(text, key, nonce), `${n} bytes`).toBe(nip44.encrypt(text, key, nonce));
+    }
+    // A lone surrogate is encoded as U+FFFD by both.
+    expect(fastNip44Encrypt('x\ud800y', key, nonce)).toBe(nip44.encrypt('x\ud800y', key, nonce));
+    expect(outcome(() => fastNip44Encrypt('', key, nonce))).toEqual(outcome(() => nip44.encrypt('', key, nonce)));
+    // Without a nonce it is random, and decrypts.
+    const a = fastNip44Encrypt('same', key);
+    expect(a).not.toBe(fastNip44Encrypt('same', key));
+    expect(nip44.decrypt(a, key)).toBe('same');
+  });
+
+  it('event ids equal getEventHash', () => {
+    fc.assert(
+      fc.property(
+        fc.string({ maxLength: 200, unit: 'grapheme' }),
+        fc.array(fc.array(fc.string({ unit: 'grapheme' }), { maxLength: 3 }), { maxLength: 3 }),
+        fc.nat({ max: 2 ** 32 }),
+        (content, tags, created_at) => {
+          const ev = { pubkey: getPublicKey(generateSecretKey()), created_at, kind: 14, tags, content };
+          expect(fastEventHash(ev)).toBe(getEventHash(ev));
+        },
+      ),
+      { numRuns: 100 },
+    );
+  });
+
+  it('sealed DMs open with nip17.unwrapEvent', () => {
+    const consumer = generateSecretKey();
+    const provider = generateSecretKey();
+    const wrap = sealDm({ sk: provider, recipient: getPublicKey(consumer), content: '{"type":"ready","é":"😀"}', channel: 'nip17', replyTo: 'ab'.repeat(32) });
+    const rumor = nip17.unwrapEvent(wrap as never, consumer) as unknown as { pubkey: string; content: string; tags: string[][]; id: string };
+    expect(rumor.pubkey).toBe(getPublicKey(provider));
+    expect(rumor.content).toBe('{"type":"ready","é":"😀"}');
+    expect(rumor.tags).toEqual([['p', getPublicKey(consumer)], ['e', 'ab'.repeat(32)]]);
+    expect(rumor.id).toBe(getEventHash(rumor as never));
   });
 });
 
