@@ -3,7 +3,7 @@
  * checked at every beat) and a pair of heartbeats every `heartbeatSeconds`.
  * A failed publish is logged and retried at the next beat, never fatal.
  */
-import { finalizeEvent } from 'nostr-tools';
+import { signEvent } from '../nostr/fast-crypto.js';
 import type { NostrEvent } from '../nostr/types.js';
 import type { Logger } from '../util/logger.js';
 import { freeCapacity, readHostResources, type HeldResources } from './capacity.js';
@@ -59,7 +59,7 @@ export class DiscoveryPublisher {
 
   private async publish(tpl: EventTemplate, what: string): Promise<boolean> {
     try {
-      await this.opts.pool.publish(finalizeEvent(tpl, this.opts.sk));
+      await this.opts.pool.publish(signEvent(tpl, this.opts.sk));
       return true;
     } catch (err) {
       this.opts.logger.warn({ kind: tpl.kind, err: (err as Error).message }, `${what} not accepted by any relay; next beat retries`);
