@@ -27,7 +27,6 @@
 import { createCipheriv, createDecipheriv, createECDH, createHash, createHmac, randomBytes, timingSafeEqual, type ECDH } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { isMainThread } from 'node:worker_threads';
 // nostr-tools' own base64 codec (its dependency): strict where Buffer's is lenient.
 import { base64 } from '@scure/base';
 import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
@@ -97,14 +96,15 @@ interface NativeSecp256k1 {
  * dominated unwrap time (two per gift wrap). Loaded by name at run time; when
  * the addon cannot load (another platform, PAYGRESS_NO_NATIVE=1), OpenSSL it is.
  *
- * Main thread only: the raw x coordinate comes back through a JS callback that
- * libsecp256k1 calls from C, and if the thread is being terminated at that
- * moment (Worker.terminate(), as the unwrap pool does to a stuck worker) the
- * addon's C++ exception cannot unwind through C and aborts the whole process.
- * Unwrap workers use OpenSSL.
+ * In worker threads too, with one rule: the raw x coordinate comes back
+ * through a JS callback that libsecp256k1 calls from C, and if the thread is
+ * terminated from outside during an ECDH (Worker.terminate()) that callback's
+ * exception cannot unwind through C and aborts the whole process. So unwrap
+ * workers are never terminated while they work: they end themselves between
+ * two events (unwrap-worker.ts).
  */
 function loadNative(): NativeSecp256k1 | undefined {
-  if (process.env.PAYGRESS_NO_NATIVE === '1' || !isMainThread) return undefined;
+  if (process.env.PAYGRESS_NO_NATIVE === '1') return undefined;
   try {
     return createRequire(import.meta.url)('secp256k1/bindings') as NativeSecp256k1;
   } catch {

@@ -72,6 +72,8 @@ interface Job {
 
 interface Slot {
   worker: Worker;
+  /** Shared with the worker: [0] = 1 makes it die before its next message (crashOneWorkerForTest). */
+  control: Int32Array;
   inflight: Map<number, Job>;
   answered: number;
   /** Set when the pool ends this worker itself (idle, close): its exit is no crash. */
@@ -81,6 +83,8 @@ interface Slot {
 /** Events posted to one worker before it answers: enough to keep it busy across a message round trip, few to retry if it dies. */
 const PER_WORKER_INFLIGHT = 4;
 const MAX_FAILED_STARTS = 3;
+/** A worker asked to end has this long to do so before it is terminated (it only ever has a few events to finish). */
+const RETIRE_GRACE_MS = 5_000;
 
 /**
  * How to start a worker: the compiled `unwrap-worker.js` next to this module
@@ -161,11 +165,17 @@ export class UnwrapPool {
     await Promise.all(this.slots.map((s) => this.retire(s)));
   }
 
-  /** Test hook: end one worker the way a crash would (no retirement mark). Returns false if none runs. */
+  /**
+   * Test hook: make one worker die the way a crash would (no retirement mark),
+   * dropping the events posted to it and not yet answered. Resolves once it is gone.
+   */
   async crashOneWorkerForTest(): Promise<boolean> {
     const slot = this.slots.find((s) => s.inflight.size > 0) ?? this.slots[0];
     if (!slot) return false;
-    await slot.worker.terminate();
+    const gone = new Promise((r) => slot.worker.once('exit', r));
+    Atomics.store(slot.control, 0, 1);
+    slot.worker.postMessage({ type: 'ping' } satisfies UnwrapRequest);
+    await gone;
     return true;
   }
 
@@ -215,9 +225,10 @@ export class UnwrapPool {
 
   private spawn(): void {
     const start = workerStart();
-    const data: UnwrapWorkerData = { sk: this.sk, pubkey: this.pubkey };
+    const control = new Int32Array(new SharedArrayBuffer(4));
+    const data: UnwrapWorkerData = { sk: this.sk, pubkey: this.pubkey, control };
     const worker = new Worker(start.entry, { workerData: data, eval: start.eval });
-    const slot: Slot = { worker, inflight: new Map(), answered: 0, retiring: false };
+    const slot: Slot = { worker, control, inflight: new Map(), answered: 0, retiring: false };
     this.slots.push(slot);
     this.counts.workersStarted++;
     worker.on('message', (msg: { id: number; result: OpenResult }) => this.onAnswer(slot, msg));
@@ -276,7 +287,7 @@ export class UnwrapPool {
       if (!best || best.inflight.size >= PER_WORKER_INFLIGHT) break;
       this.workerQueue.shift();
       best.inflight.set(job.id, job);
-      const req: UnwrapRequest = { id: job.id, event: job.event };
+      const req: UnwrapRequest = { type: 'open', id: job.id, event: job.event };
       best.worker.postMessage(req);
     }
     const busy = this.workerQueue.length > 0 || this.slots.some((s) => s.inflight.size > 0);
@@ -293,8 +304,17 @@ export class UnwrapPool {
     for (const s of [...this.slots]) void this.retire(s);
   }
 
+  /**
+   * Ask a worker to end itself after the events already posted to it; only one
+   * that has not gone after RETIRE_GRACE_MS is terminated from outside.
+   */
   private async retire(slot: Slot): Promise<void> {
+    if (slot.retiring) return;
     slot.retiring = true;
-    await slot.worker.terminate();
+    const gone = new Promise<void>((r) => slot.worker.once('exit', () => r()));
+    slot.worker.postMessage({ type: 'exit' } satisfies UnwrapRequest);
+    const timer = setTimeout(() => void slot.worker.terminate(), RETIRE_GRACE_MS);
+    await gone;
+    clearTimeout(timer);
   }
 }
