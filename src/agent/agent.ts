@@ -168,7 +168,7 @@ export class Agent {
     } catch (err) {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
-    this.opts.inflight.end(msg.requestId);
+    await this.opts.inflight.end(msg.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
     if (reply.type === 'access_details') this.track(this.watchReady(reply.workload_id, log, this.opts.readyTimeoutMs));
   }
 
@@ -207,7 +207,7 @@ export class Agent {
       log.info({ workloadId, ms: result.ms }, 'workload ready');
       await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
       const current = this.opts.leases.get(workloadId);
-      if (current) this.opts.leases.put({ ...current, readyAt: new Date().toISOString() });
+      if (current) await this.opts.leases.put({ ...current, readyAt: new Date().toISOString() }).catch((err: Error) => log.error({ err: err.message }, 'could not record readiness in the lease'));
       return;
     }
     // Shutting down is not a boot failure: the VM stays, the next run re-adopts it.
@@ -262,7 +262,7 @@ export class Agent {
     const wlog = log.child({ workloadId });
     addLogContext({ workloadId });
     const started = Date.now();
-    this.opts.inflight.begin({
+    await this.opts.inflight.begin({
       requestId: msg.requestId,
       sender: msg.sender,
       channel: msg.channel,
@@ -297,7 +297,7 @@ export class Agent {
       expiresAt: new Date(createdAt.getTime() + resources.plan.durationSeconds * 1000).toISOString(),
     };
     try {
-      this.opts.leases.put(lease);
+      await this.opts.leases.put(lease);
     } catch (err) {
       // Without a lease nobody could ever stop it: give the VM back.
       await driver.destroy(workloadId).catch(() => undefined);
@@ -352,7 +352,7 @@ export class Agent {
       const driver = this.opts.drivers[lease.driver];
       running = (async () => {
         if (driver) await driver.destroy(lease.workloadId);
-        this.opts.leases.delete(lease.workloadId);
+        await this.opts.leases.delete(lease.workloadId);
         log.info({ workloadId: lease.workloadId }, 'workload stopped');
       })().finally(() => this.stopping.delete(lease.workloadId));
       this.stopping.set(lease.workloadId, running);

@@ -5,10 +5,11 @@
  * the half-done spawn took, and still answers the consumer.
  */
 import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
-import { writeFileAtomic } from '../util/atomic-file.js';
+import { writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const InflightSchema = z.object({
   requestId: z.string().regex(/^[0-9a-f]{64}$/),
@@ -28,12 +29,13 @@ export class InflightJournal {
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
   }
 
-  begin(entry: Inflight): void {
-    writeFileAtomic(join(this.dir, `${entry.requestId}.json`), JSON.stringify(entry));
+  /** Resolves once the record is on disk (fsynced): only then may the spawn touch the host. */
+  begin(entry: Inflight): Promise<void> {
+    return writeFileAtomicAsync(join(this.dir, `${entry.requestId}.json`), JSON.stringify(entry));
   }
 
-  end(requestId: string): void {
-    rmSync(join(this.dir, `${requestId}.json`), { force: true });
+  end(requestId: string): Promise<void> {
+    return rm(join(this.dir, `${requestId}.json`), { force: true });
   }
 
   /** Entries left by a previous run; unreadable files are removed (they hold nothing we could act on). */

@@ -3,12 +3,13 @@
  * per workload under `<stateDir>/leases/`, written atomically with mode 0600,
  * so a restarted agent knows every owner. Holds no secrets.
  */
-import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { ISOLATION_LEVELS } from '../protocol/isolation.js';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
-import { writeFileAtomic } from '../util/atomic-file.js';
+import { writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const LeaseSchema = z.object({
   workloadId: z.string().regex(WORKLOAD_ID_PATTERN),
@@ -65,13 +66,14 @@ export class LeaseStore {
     return [...this.leases.values()];
   }
 
-  put(lease: Lease): void {
-    writeFileAtomic(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
+  /** Resolves once the lease is on disk (fsynced); only then does `get` return it. */
+  async put(lease: Lease): Promise<void> {
+    await writeFileAtomicAsync(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
     this.leases.set(lease.workloadId, lease);
   }
 
-  delete(id: string): void {
-    rmSync(join(this.dir, `${id}.json`), { force: true });
+  async delete(id: string): Promise<void> {
+    await rm(join(this.dir, `${id}.json`), { force: true });
     this.leases.delete(id);
   }
 }

@@ -58,7 +58,7 @@ export class Supervisor {
           )
           .catch(() => undefined);
       }
-      inflight.end(entry.requestId);
+      await inflight.end(entry.requestId);
     }
 
     for (const lease of leases.all()) {
