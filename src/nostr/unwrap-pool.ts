@@ -219,7 +219,8 @@ export class UnwrapPool {
     const stay = this.mainQueue.filter((j) => j.retry);
     this.workerQueue.push(...this.mainQueue.filter((j) => !j.retry));
     this.mainQueue.splice(0, this.mainQueue.length, ...stay);
-    while (this.slots.length < this.size) this.spawn();
+    // A worker still retiring from the last flood does not count: it takes no more work.
+    while (this.slots.filter((sl) => !sl.retiring).length < this.size) this.spawn();
     this.pump();
   }
 
@@ -283,7 +284,7 @@ export class UnwrapPool {
       const job = this.workerQueue[0];
       if (!job) break;
       let best: Slot | undefined;
-      for (const s of this.slots) if (!best || s.inflight.size < best.inflight.size) best = s;
+      for (const s of this.slots) if (!s.retiring && (!best || s.inflight.size < best.inflight.size)) best = s;
       if (!best || best.inflight.size >= PER_WORKER_INFLIGHT) break;
       this.workerQueue.shift();
       best.inflight.set(job.id, job);
