@@ -1,7 +1,9 @@
 /**
- * KVM/qemu lifecycle: overlay → seed → qemu -daemonize → pidfile → identity
- * check. One directory per workload under vmRoot holds everything it owns;
- * every resource a create takes is released if a later step fails.
+ * KVM/qemu lifecycle: overlay copy → port → qemu -S -daemonize → pidfile →
+ * identity check, while beside it the password is hashed and the seed ISO
+ * written; then QMP attaches the seed and starts the VM. One directory per
+ * workload under vmRoot holds everything it owns; every resource a create
+ * takes is released if a later step fails.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
