@@ -4,11 +4,11 @@
  * info checks and the real filesystem.
  */
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, mkdirSync, copyFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, mkdirSync, copyFileSync, utimesSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -310,6 +310,21 @@ describe('existing image', () => {
     const info = await ensureBaseImage(opts(file, { url: `${base}/good.qcow2`, sha256: goodSha }));
     expect(info).toMatchObject({ path: file, format: 'qcow2', virtualSize: 64 * 1024 * 1024, downloaded: false });
     expect(totalRequests()).toBe(before);
+  });
+
+  it('removes partial downloads an earlier run left, keeping fresh ones and anything else', async () => {
+    const file = place(join(root, 'src', 'good.qcow2'));
+    const dir = dirname(file);
+    const stale = join(dir, '.base.qcow2.0123456789ab.part');
+    const fresh = join(dir, '.base.qcow2.ba9876543210.part');
+    const foreign = join(dir, '.other.qcow2.0123456789ab.part');
+    const odd = join(dir, '.base.qcow2.not-hex.part');
+    for (const f of [stale, fresh, foreign, odd]) writeFileSync(f, 'partial bytes');
+    const old = new Date(Date.now() - 10 * 60_000);
+    for (const f of [stale, foreign, odd]) utimesSync(f, old, old);
+    await ensureBaseImage(opts(file));
+    expect(existsSync(stale)).toBe(false);
+    for (const f of [fresh, foreign, odd, file]) expect(existsSync(f), f).toBe(true);
   });
 
   it('a raw image where qcow2 is configured is refused, and the reverse', async () => {

@@ -9,7 +9,7 @@
  * renamed into place.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { chmod, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from '../../util/logger.js';
@@ -351,8 +351,36 @@ async function downloadTo(
   return { bytes, sha256, durationMs };
 }
 
+/** A `.part` untouched this long is a download that died with its agent (a live one writes all the time). */
+const STALE_PART_MS = 60_000;
+
+/**
+ * Remove what downloads of `file` killed mid-way left behind (SIGKILL, power
+ * loss: no `finally` ran), which can be gigabytes. Only names this module
+ * makes, `.<name>.<12 hex>.part`, and only stale ones.
+ */
+async function sweepStaleParts(file: string, logger: Logger): Promise<void> {
+  const dir = path.dirname(file);
+  const prefix = `.${path.basename(file)}.`;
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return; // no folder yet: nothing left behind
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix) || !/^[0-9a-f]{12}\.part$/.test(name.slice(prefix.length))) continue;
+    const part = path.join(dir, name);
+    const st = await stat(part).catch(() => undefined);
+    if (!st?.isFile() || Date.now() - st.mtimeMs < STALE_PART_MS) continue;
+    await rm(part, { force: true });
+    logger.info({ path: part, bytes: st.size }, 'removed a partial base image download left by an earlier run');
+  }
+}
+
 async function ensureUncached(opts: EnsureBaseImageOptions & { path: string }): Promise<BaseImageInfo> {
   const file = opts.path;
+  await sweepStaleParts(file, opts.logger);
   // Vet the config even when the image is already there: a bad URL is a bad
   // config, and it should fail now rather than on the day the image is deleted.
   const expectedSha = opts.sha256 !== undefined ? normalizeSha256(opts.sha256) : undefined;
