@@ -107,7 +107,10 @@ export class LibcryptHasher implements PasswordHasher {
     child.stdout.setEncoding('utf8');
     child.stdout.on('data', (chunk: string) => this.onOutput(chunk));
     child.on('error', (err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT') this.unavailable = true;
+      if (err.code === 'ENOENT' && !this.unavailable) {
+        this.unavailable = true;
+        this.opts.logger?.info({ perl: this.opts.perl ?? 'perl' }, 'no perl for the libcrypt helper; hashing passwords in-process');
+      }
       this.failAll(err);
     });
     child.on('exit', () => {
