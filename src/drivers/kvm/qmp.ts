@@ -14,21 +14,25 @@ export class QmpError extends Error {
   }
 }
 
-/** Run `commands` in order on the monitor at `socketPath`; rejects on the first error or after `timeoutMs` in all. */
-export function runQmp(socketPath: string, commands: readonly QmpCommand[], timeoutMs: number): Promise<void> {
-  return new Promise<void>((resolve, reject) => {
+/**
+ * Run `commands` in order on the monitor at `socketPath` and resolve with
+ * their `return` values; rejects on the first error or after `timeoutMs` in all.
+ */
+export function runQmp(socketPath: string, commands: readonly QmpCommand[], timeoutMs: number): Promise<unknown[]> {
+  return new Promise<unknown[]>((resolve, reject) => {
     const sock: Socket = connect({ path: socketPath });
     let buffered = '';
     let greeted = false;
     /** Index into [qmp_capabilities, ...commands] of the command awaiting its answer. */
     let step = 0;
     const all: QmpCommand[] = [{ execute: 'qmp_capabilities' }, ...commands];
+    const returns: unknown[] = [];
     const finish = (err?: Error) => {
       clearTimeout(timer);
       sock.removeAllListeners('data');
       sock.destroy();
       if (err) reject(err);
-      else resolve();
+      else resolve(returns);
     };
     const timer = setTimeout(() => finish(new QmpError(`no answer over QMP within ${timeoutMs} ms`)), timeoutMs);
     const send = () => sock.write(`${JSON.stringify(all[step])}\n`);
@@ -66,6 +70,7 @@ export function runQmp(socketPath: string, commands: readonly QmpCommand[], time
           return;
         }
         if (!('return' in msg)) continue;
+        if (step > 0) returns.push(msg.return);
         step++;
         if (step === all.length) {
           finish();
