@@ -11,7 +11,7 @@ import path from 'node:path';
 import { execa } from 'execa';
 import WebSocket from 'ws';
 import type { KvmConfig } from '../config/schema.js';
-import { BaseImageError, ensureBaseImage } from '../drivers/kvm/base-image.js';
+import { BaseImageError, ensureBaseImage, humanBytes } from '../drivers/kvm/base-image.js';
 import { kvmUsable } from '../drivers/kvm/accel.js';
 import { probeGuest } from '../drivers/kvm/kvm-probe.js';
 import { canBind } from '../drivers/kvm/ports.js';
@@ -120,17 +120,6 @@ export async function checkTools(kvm: Pick<KvmConfig, 'qemuBinary' | 'qemuImgBin
 
 // ------------------------------------------------------------------ base image
 
-function human(n: number): string {
-  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  let v = n;
-  while (v >= 1024 && i < u.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${i ? v.toFixed(1) : v} ${u[i]}`;
-}
-
 /** Present, the configured format, standalone (qemu-img info); or absent with a download URL set. Never downloads. */
 export async function checkBaseImage(
   kvm: Pick<KvmConfig, 'baseImage' | 'baseImageFormat' | 'baseImageUrl' | 'baseImageSha256' | 'qemuImgBinary' | 'kernel' | 'initrd'>,
@@ -159,7 +148,7 @@ export async function checkBaseImage(
       out.push({
         name,
         status: 'ok',
-        detail: `${info.path}: ${info.format}, no backing file, ${human(info.virtualSize)} virtual, ${human(info.actualSize)} on disk`,
+        detail: `${info.path}: ${info.format}, no backing file, ${humanBytes(info.virtualSize)} virtual, ${humanBytes(info.actualSize)} on disk`,
       });
     } catch (err) {
       const msg = err instanceof Error ? err.message : String(err);

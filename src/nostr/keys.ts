@@ -7,7 +7,7 @@
 import { constants as fsc } from 'node:fs';
 import { mkdir, open, writeFile } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import { generateSecretKey, getPublicKey } from 'nostr-tools/pure';
+import { generateSecretKey } from 'nostr-tools/pure';
 import { decode, npubEncode, nsecEncode } from 'nostr-tools/nip19';
 import { bytesToHex, hexToBytes } from '@noble/hashes/utils.js';
 import { fastPublicKey } from './fast-crypto.js';
@@ -80,7 +80,7 @@ export function pubkeyOf(sk: Uint8Array): string {
 }
 
 export function npubOf(pubkeyHexOrSk: string | Uint8Array): string {
-  return npubEncode(typeof pubkeyHexOrSk === 'string' ? parsePublicKey(pubkeyHexOrSk) : getPublicKey(pubkeyHexOrSk));
+  return npubEncode(typeof pubkeyHexOrSk === 'string' ? parsePublicKey(pubkeyHexOrSk) : pubkeyOf(pubkeyHexOrSk));
 }
 
 export function nsecOf(sk: Uint8Array): string {

@@ -178,7 +178,7 @@ export function checkImageInfo(info: unknown, expected: BaseImageFormat, what: s
   return { format, virtualSize: info['virtual-size'], actualSize: typeof actual === 'number' ? actual : 0 };
 }
 
-function humanBytes(n: number): string {
+export function humanBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let v = n;
   let i = 0;
