@@ -182,6 +182,13 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
     }
   });
 
+  it('refuses a vmRoot so long that a workload socket (qmp.sock, passt.sock) would not fit in sun_path', () => {
+    // '/' + 40-character id + '/passt.sock' adds 52 bytes: 55 is the longest vmRoot that fits.
+    const rootOf = (len: number) => `/${'v'.repeat(len - 1)}`;
+    expect(() => new KvmDriver(config({ vmRoot: rootOf(55) }), silentLogger)).not.toThrow();
+    expect(() => new KvmDriver(config({ vmRoot: rootOf(56) }), silentLogger)).toThrow(/at most 55 bytes/);
+  });
+
   it('gives concurrent creates different ports', async () => {
     const d = driver();
     const [a, b] = await Promise.all([d.create(spec('cc-a')), d.create(spec('cc-b'))]);

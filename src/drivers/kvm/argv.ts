@@ -50,6 +50,9 @@ export interface QemuArgs {
   network?: 'user' | 'restricted' | 'passt';
 }
 
+/** sun_path is 108 bytes including the terminating NUL: the longest unix socket path. */
+export const SUN_PATH_MAX = 107;
+
 /** Files the driver and the argv agree on, relative to the workload dir. */
 export const VM_FILES = {
   disk: 'disk.qcow2',

@@ -20,7 +20,7 @@ import {
   type WorkloadSpec,
 } from '../types.js';
 import { resolveAccel } from './accel.js';
-import { attachSeedAndStart, buildQemuArgv, vmFile } from './argv.js';
+import { attachSeedAndStart, buildQemuArgv, SUN_PATH_MAX, vmFile } from './argv.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
@@ -67,10 +67,12 @@ export class KvmDriver implements ComputeDriver {
   ) {
     if (!path.isAbsolute(config.vmRoot)) throw new RangeError('vmRoot must be an absolute path');
     if (!path.isAbsolute(config.baseImage)) throw new RangeError('baseImage must be an absolute path');
-    // qemu's QMP socket lives in the workload folder, and a unix socket path has at most 107 bytes.
-    const longestSocket = vmFile(path.join(config.vmRoot, 'x'.repeat(MAX_ID_LENGTH)), 'qmpSocket');
-    if (Buffer.byteLength(longestSocket) > 107) {
-      throw new RangeError(`vmRoot is too long: its workloads' QMP socket paths would exceed 107 bytes (keep drivers.kvm.vmRoot under ${107 - (longestSocket.length - config.vmRoot.length)} bytes)`);
+    // qemu's QMP socket and passt's socket live in the workload folder; a unix socket path has at most SUN_PATH_MAX bytes.
+    const longestDir = path.join(config.vmRoot, 'x'.repeat(MAX_ID_LENGTH));
+    const longestSocket = [vmFile(longestDir, 'qmpSocket'), vmFile(longestDir, 'passtSocket')].sort((a, b) => b.length - a.length)[0]!;
+    if (Buffer.byteLength(longestSocket) > SUN_PATH_MAX) {
+      const room = SUN_PATH_MAX - (Buffer.byteLength(longestSocket) - Buffer.byteLength(config.vmRoot));
+      throw new RangeError(`vmRoot is too long: its workloads' socket paths would exceed ${SUN_PATH_MAX} bytes (keep drivers.kvm.vmRoot at most ${room} bytes)`);
     }
     this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
     this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);

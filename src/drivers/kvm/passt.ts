@@ -12,8 +12,8 @@
  * `buildPasstArgv` is pure; the rest is process plumbing in the same style as
  * process.ts (pidfile, /proc identity check before any signal).
  */
-import { readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { SUN_PATH_MAX } from './argv.js';
 import { findPids, processArgv, readPidfile, stopIdentified } from './process.js';
 
 /** What passt prints (and exits 1 with) when the forwarded port is taken. */
@@ -26,9 +26,6 @@ export const PASST_PORT_TAKEN = 'Failed to bind any port';
  * host's resolver, port 53 only).
  */
 export const PASST_GUEST = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: '10.0.2.3' } as const;
-
-/** sun_path is 108 bytes including the terminating NUL. */
-const SUN_PATH_MAX = 107;
 
 export interface PasstArgs {
   /** Unix socket qemu connects to. */
