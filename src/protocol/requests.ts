@@ -44,19 +44,30 @@ type RequestType = keyof typeof SCHEMAS;
 
 export type ParseResult = { ok: true; request: Request } | { ok: false; error: RequestError };
 
-function fail(message: string): ParseResult {
+type Refused = { ok: false; error: RequestError };
+
+function fail(message: string): Refused {
   return { ok: false, error: new RequestError('invalid_request', message) };
 }
 
 /** Parse one DM's plaintext as a v1 request. Total: never throws. */
 export function parseRequest(content: string, maxBytes = MAX_CONTENT_BYTES): ParseResult {
+  const read = readRequestBody(content, maxBytes);
+  return read.ok ? validateRequest(read.body) : read;
+}
+
+/** The size check and JSON.parse of a DM's plaintext, done once whatever dialect it turns out to be. Total. */
+export function readRequestBody(content: string, maxBytes = MAX_CONTENT_BYTES): { ok: true; body: unknown } | Refused {
   if (Buffer.byteLength(content, 'utf8') > maxBytes) return fail(`request is larger than ${maxBytes} bytes`);
-  let body: unknown;
   try {
-    body = JSON.parse(content);
+    return { ok: true, body: JSON.parse(content) as unknown };
   } catch {
     return fail('request is not valid JSON');
   }
+}
+
+/** A parsed JSON body checked as a v1 request. Total: never throws. */
+export function validateRequest(body: unknown): ParseResult {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) return fail('request must be a JSON object');
   const type = (body as { type?: unknown }).type;
   if (typeof type !== 'string' || !Object.hasOwn(SCHEMAS, type)) {

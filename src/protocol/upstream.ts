@@ -18,7 +18,7 @@
  */
 import { RequestError, type ErrorCode } from './errors.js';
 import type { Reply } from './replies.js';
-import { parseRequest, WORKLOAD_ID_PATTERN, type ParseResult } from './requests.js';
+import { readRequestBody, validateRequest, WORKLOAD_ID_PATTERN, type ParseResult } from './requests.js';
 
 export type UpstreamKind = 'spawn' | 'status' | 'topup';
 export type ParsedAny = ParseResult & ({ dialect: 'v1' } | { dialect: 'upstream'; kind: UpstreamKind });
@@ -57,7 +57,7 @@ function refuse(code: ErrorCode, message: string): ParseResult {
   return { ok: false, error: new RequestError(code, message) };
 }
 
-function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>, maxBytes: number): ParseResult {
+function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>): ParseResult {
   switch (kind) {
     case 'topup':
       return refuse('invalid_request', 'top-up is not supported: this provider takes no payment and does not extend leases');
@@ -66,15 +66,16 @@ function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>, maxByte
       const id = workloadIdOfPod(body.pod_id);
       // Same answer as v1 for someone else's or a nonexistent workload: no hint either way.
       if (!id) return refuse('not_found', 'no such pod for this key');
-      return parseRequest(JSON.stringify({ type: 'status', workload_id: id }), maxBytes);
+      return validateRequest({ type: 'status', workload_id: id });
     }
     case 'spawn': {
       if (body.template_slug !== undefined && body.template_slug !== null) {
         return refuse('invalid_request', 'field "template_slug": templates are not offered by this provider');
       }
-      const v1: Record<string, unknown> = { type: 'spawn', version: 1, root_password: body.ssh_password };
+      const v1: Record<string, unknown> = { type: 'spawn', version: 1 };
+      if (body.ssh_password !== undefined) v1.root_password = body.ssh_password;
       if (body.pod_spec_id !== undefined && body.pod_spec_id !== null) v1.plan = body.pod_spec_id;
-      const parsed = parseRequest(JSON.stringify(v1), Number.MAX_SAFE_INTEGER);
+      const parsed = validateRequest(v1);
       return parsed.ok ? parsed : { ok: false, error: renameFields(parsed.error) };
     }
   }
@@ -85,17 +86,11 @@ function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>, maxByte
  * never throws. The dialect tells the caller which reply shape to use.
  */
 export function parseAnyRequest(content: string, maxBytes: number): ParsedAny {
-  if (Buffer.byteLength(content, 'utf8') <= maxBytes) {
-    let body: unknown;
-    try {
-      body = JSON.parse(content);
-    } catch {
-      body = undefined;
-    }
-    const kind = upstreamKind(body);
-    if (kind) return { dialect: 'upstream', kind, ...fromUpstream(kind, body as Record<string, unknown>, maxBytes) };
-  }
-  return { dialect: 'v1', ...parseRequest(content, maxBytes) };
+  const read = readRequestBody(content, maxBytes);
+  if (!read.ok) return { dialect: 'v1', ...read };
+  const kind = upstreamKind(read.body);
+  if (kind) return { dialect: 'upstream', kind, ...fromUpstream(kind, read.body as Record<string, unknown>) };
+  return { dialect: 'v1', ...validateRequest(read.body) };
 }
 
 export interface UpstreamContext {
