@@ -140,6 +140,8 @@ export class Agent {
     let reply: Reply;
     // Set for upstream-shaped (untyped) requests: the reply then carries upstream's field names too.
     let upstream: UpstreamKind | undefined;
+    // Only a spawn writes a journal entry (spawnAdmitted), so only a spawn has one to end.
+    let journaled = false;
     try {
       const parsed = parseAnyRequest(msg.content, this.opts.maxContentBytes);
       if (parsed.dialect === 'upstream') upstream = parsed.kind;
@@ -148,6 +150,7 @@ export class Agent {
       log.info({ type: req.type, sender: msg.sender, channel: msg.channel, unwrapMs: msg.unwrapMs }, 'request');
       switch (req.type) {
         case 'spawn':
+          journaled = true;
           reply = await this.spawn(req, msg, log);
           break;
         case 'stop':
@@ -168,7 +171,7 @@ export class Agent {
     } catch (err) {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
-    await this.opts.inflight.end(msg.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
+    if (journaled) await this.opts.inflight.end(msg.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
     if (reply.type === 'access_details') this.track(this.watchReady(reply.workload_id, log, this.opts.readyTimeoutMs));
   }
 
