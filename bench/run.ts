@@ -421,7 +421,7 @@ async function benchPool(raws: string[], sk: Uint8Array, pk: string): Promise<Re
     loop_delay_max_ms: { pool: r1(pooled.loopMaxMs), sync: r1(sync.loopMaxMs) },
     opened_in_workers: stats.openedInWorkers,
     opened_on_main: stats.openedOnMain,
-    method: `all ${raws.length} wraps fed ${FRAMES_PER_TURN} frames per event-loop turn, each JSON.parse + relay-pool signature check, then openDm synchronously (sync) or UnwrapPool.open (pool, fresh: worker start-up included; workers check the wrap signature again since it was checked on another thread); ratio = nostr-tools sequential wall (mean of a run before and after) / wall`,
+    method: `all ${raws.length} wraps fed ${FRAMES_PER_TURN} frames per event-loop turn, each JSON.parse + relay-pool signature check, then openDm synchronously (sync) or UnwrapPool.open (pool, fresh: worker start-up included; workers are told the wrap signature was checked); ratio = nostr-tools sequential wall (mean of a run before and after) / wall`,
   };
 }
 

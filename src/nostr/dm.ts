@@ -112,9 +112,8 @@ function nip44Open(payload: string, sk: Uint8Array, senderPubkey: string): Step<
   }
 }
 
-function openGiftWrap(wrap: NostrEvent, sk: Uint8Array, received: NostrEvent): OpenResult {
-  // The relay pool already checked this very object (unchanged since): no second check.
-  if (!wasVerified(received) && !verifySignedEvent(wrap)) return { ok: false, reason: 'bad_signature' };
+function openGiftWrap(wrap: NostrEvent, sk: Uint8Array, signatureChecked: boolean): OpenResult {
+  if (!signatureChecked && !verifySignedEvent(wrap)) return { ok: false, reason: 'bad_signature' };
 
   const sealStep = nip44Open(wrap.content, sk, wrap.pubkey);
   if (!sealStep.ok) return sealStep;
@@ -157,8 +156,8 @@ function openGiftWrap(wrap: NostrEvent, sk: Uint8Array, received: NostrEvent): O
   };
 }
 
-function openNip04(ev: NostrEvent, sk: Uint8Array, received: NostrEvent): OpenResult {
-  if (!wasVerified(received) && !verifySignedEvent(ev)) return { ok: false, reason: 'bad_signature' };
+function openNip04(ev: NostrEvent, sk: Uint8Array, signatureChecked: boolean): OpenResult {
+  if (!signatureChecked && !verifySignedEvent(ev)) return { ok: false, reason: 'bad_signature' };
   let content: string;
   try {
     content = fastNip04Decrypt(sk, ev.pubkey, ev.content);
@@ -181,15 +180,19 @@ function openNip04(ev: NostrEvent, sk: Uint8Array, received: NostrEvent): OpenRe
 /**
  * Authenticate and decrypt a DM addressed to `myPubkey`. Cheap checks (shape,
  * kind, p tag) come before signature checks and ECDH, so events that are not
- * for us cost next to nothing.
+ * for us cost next to nothing. The outer signature is not checked again when
+ * this very object was verified unchanged (the relay pool does it), or when
+ * the caller says so: `signatureChecked` is for an unwrap worker whose event
+ * is a copy of one the main thread verified.
  */
-export function openDm(event: NostrEvent, sk: Uint8Array, myPubkey: string): OpenResult {
+export function openDm(event: NostrEvent, sk: Uint8Array, myPubkey: string, opts: { signatureChecked?: boolean } = {}): OpenResult {
   try {
     const ev = asSignedEvent(event);
     if (!ev) return { ok: false, reason: 'bad_shape' };
     if (ev.kind !== KIND_GIFT_WRAP && ev.kind !== KIND_NIP04_DM) return { ok: false, reason: 'unsupported_kind' };
     if (!isTaggedFor(ev, myPubkey)) return { ok: false, reason: 'not_for_us' };
-    return ev.kind === KIND_GIFT_WRAP ? openGiftWrap(ev, sk, event) : openNip04(ev, sk, event);
+    const checked = opts.signatureChecked === true || wasVerified(event);
+    return ev.kind === KIND_GIFT_WRAP ? openGiftWrap(ev, sk, checked) : openNip04(ev, sk, checked);
   } catch {
     // Belt and braces: everything above is meant not to throw.
     return { ok: false, reason: 'bad_shape' };

@@ -24,6 +24,7 @@
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { openDm, type OpenResult } from './dm.js';
+import { wasVerified } from './fast-crypto.js';
 import type { NostrEvent } from './types.js';
 import type { UnwrapRequest, UnwrapWorkerData } from './unwrap-worker.js';
 import type { Logger } from '../util/logger.js';
@@ -288,7 +289,8 @@ export class UnwrapPool {
       if (!best || best.inflight.size >= PER_WORKER_INFLIGHT) break;
       this.workerQueue.shift();
       best.inflight.set(job.id, job);
-      const req: UnwrapRequest = { type: 'open', id: job.id, event: job.event };
+      // A worker gets a copy, which fast-crypto's per-object record does not know: say what was checked here.
+      const req: UnwrapRequest = { type: 'open', id: job.id, event: job.event, signatureChecked: wasVerified(job.event) };
       best.worker.postMessage(req);
     }
     const busy = this.workerQueue.length > 0 || this.slots.some((s) => s.inflight.size > 0);

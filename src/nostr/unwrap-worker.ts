@@ -17,7 +17,8 @@ export interface UnwrapWorkerData {
   /** [0] = 1: die before the next message, without answering (a crash, for tests). */
   control: Int32Array;
 }
-export type UnwrapRequest = { type: 'open'; id: number; event: NostrEvent } | { type: 'exit' } | { type: 'ping' };
+/** `signatureChecked`: the main thread verified this event (unchanged) before posting its copy. */
+export type UnwrapRequest = { type: 'open'; id: number; event: NostrEvent; signatureChecked: boolean } | { type: 'exit' } | { type: 'ping' };
 
 const { sk, pubkey, control } = workerData as UnwrapWorkerData;
 // One key object for the worker's life: fast-crypto caches the ECDH state per key object.
@@ -28,5 +29,5 @@ parentPort?.on('message', (msg: UnwrapRequest) => {
   if (msg.type === 'exit') process.exit(0);
   if (msg.type !== 'open') return;
   // openDm is total (never throws), so a hostile event cannot end this thread.
-  parentPort?.postMessage({ id: msg.id, result: openDm(msg.event, key, pubkey) });
+  parentPort?.postMessage({ id: msg.id, result: openDm(msg.event, key, pubkey, { signatureChecked: msg.signatureChecked }) });
 });
