@@ -238,10 +238,6 @@ function nip04DecryptWithKey(key: Uint8Array, payload: string): string {
 
 // --- NIP-44 v2 decrypt -----------------------------------------------------------
 
-const NIP44_MIN_PLAINTEXT = 1;
-const NIP44_MAX_PLAINTEXT = 0xffffffff;
-const NIP44_EXTENDED_PREFIX = 65536;
-
 /** RFC 5869 expand with SHA-256, `length` ≤ 255·32. The PRK is the conversation key. */
 function hkdfExpand(prk: Uint8Array, info: Uint8Array, length: number): Buffer {
   const blocks: Buffer[] = [];
@@ -253,13 +249,6 @@ function hkdfExpand(prk: Uint8Array, info: Uint8Array, length: number): Buffer {
   return Buffer.concat(blocks).subarray(0, length);
 }
 
-/** Same as nostr-tools' (NIP-44's) calcPaddedLen. */
-function paddedLength(len: number): number {
-  if (len <= 32) return 32;
-  const nextPower = 2 ** (Math.floor(Math.log2(len - 1)) + 1);
-  const chunk = nextPower <= 256 ? 32 : nextPower / 8;
-  return chunk * (Math.floor((len - 1) / chunk) + 1);
-}
 
 /**
  * `nip44.decrypt` (v2) with Node's HMAC and ChaCha20: the same checks in the
@@ -291,45 +280,21 @@ export function fastNip44Decrypt(payload: string, conversationKey: Uint8Array): 
   const decipher = createDecipheriv('chacha20', chachaKey, iv);
   const padded = Buffer.concat([decipher.update(ciphertext), decipher.final()]);
   keys.fill(0);
-
-  const dv = new DataView(padded.buffer, padded.byteOffset, padded.byteLength);
-  const firstTwo = dv.getUint16(0);
-  let unpaddedLen: number;
-  let prefixLen: number;
-  if (firstTwo === 0) {
-    unpaddedLen = dv.getUint32(2);
-    if (unpaddedLen < NIP44_EXTENDED_PREFIX) throw new Error('invalid padding');
-    prefixLen = 6;
-  } else {
-    unpaddedLen = firstTwo;
-    prefixLen = 2;
-  }
-  const unpadded = padded.subarray(prefixLen, prefixLen + unpaddedLen);
-  if (
-    unpaddedLen < NIP44_MIN_PLAINTEXT || unpaddedLen > NIP44_MAX_PLAINTEXT ||
-    unpadded.length !== unpaddedLen || padded.length !== prefixLen + paddedLength(unpaddedLen)
-  ) {
-    throw new Error('invalid padding');
-  }
-  return utf8.decode(unpadded);
+  // Padding is byte work, no crypto: nostr-tools' own unpad, with its checks and errors.
+  return nip44.v2.utils.unpad(padded);
 }
 
 const utf8 = new TextDecoder('utf-8');
 
 /**
  * `nip44.encrypt` (v2) with Node's HMAC and ChaCha20: byte-identical for the
- * same nonce (tested). Plaintexts that need the extended length prefix, empty
- * ones and odd key or nonce sizes go to nostr-tools, which also raises its own
- * errors for them.
+ * same nonce (tested). Padding is nostr-tools' own `pad`, which also raises its
+ * errors for empty or oversized plaintexts; odd key or nonce sizes go to
+ * nostr-tools whole.
  */
 export function fastNip44Encrypt(plaintext: string, conversationKey: Uint8Array, nonce: Uint8Array = randomBytes(32)): string {
-  const unpadded = Buffer.from(plaintext, 'utf8');
-  if (conversationKey.length !== 32 || nonce.length !== 32 || unpadded.length < NIP44_MIN_PLAINTEXT || unpadded.length >= NIP44_EXTENDED_PREFIX) {
-    return nip44.encrypt(plaintext, conversationKey, nonce);
-  }
-  const padded = Buffer.alloc(2 + paddedLength(unpadded.length));
-  padded.writeUInt16BE(unpadded.length, 0);
-  unpadded.copy(padded, 2);
+  if (conversationKey.length !== 32 || nonce.length !== 32) return nip44.encrypt(plaintext, conversationKey, nonce);
+  const padded = nip44.v2.utils.pad(plaintext);
   const keys = hkdfExpand(conversationKey, nonce, 76);
   const cipher = createCipheriv('chacha20', keys.subarray(0, 32), Buffer.concat([Buffer.alloc(4), keys.subarray(32, 44)]));
   const ciphertext = Buffer.concat([cipher.update(padded), cipher.final()]);
