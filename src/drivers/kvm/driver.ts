@@ -222,6 +222,8 @@ export class KvmDriver implements ComputeDriver {
     const { dir, name, uuid, readyToken, spec, log } = vm;
     const accel = await this.resolvedAccel();
     const tried = new Set<number>();
+    /** The pid the early pass already lowered, if any. */
+    let loweredEarly: number | undefined;
     for (let attempt = 1; ; attempt++) {
       const port = await this.ports.allocate(tried);
       if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
@@ -268,7 +270,7 @@ export class KvmDriver implements ComputeDriver {
       });
       const early = this.lowerPriorityWhileLaunching(dir, name, launcher, log);
       const res = await launcher;
-      await early;
+      loweredEarly = await early;
       log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
       if (res.exitCode === 0) break;
 
@@ -296,8 +298,9 @@ export class KvmDriver implements ComputeDriver {
       taken.pid = undefined;
       throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
     }
-    if (this.guestNice > 0) {
-      // Again now that the launcher is done: threads made since the early pass.
+    if (this.guestNice > 0 && loweredEarly !== pid) {
+      // The launcher returned before the early pass saw this pid. (Threads made
+      // after an early pass inherit its nice value from the thread that made them.)
       const lowered = await lowerProcessPriority(pid, this.guestNice);
       log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered');
     }
@@ -335,9 +338,10 @@ export class KvmDriver implements ComputeDriver {
    * (autogroup) at full weight and its vCPU starts spinning before the parent
    * returns, which under a burst starves the agent's next spawns. Polls finely
    * (a launch takes ~60 ms); best effort, the caller checks identity again.
+   * Returns the pid it lowered, if it got to one.
    */
-  private async lowerPriorityWhileLaunching(dir: string, name: string, launch: Promise<unknown>, log: Logger): Promise<void> {
-    if (this.guestNice <= 0) return;
+  private async lowerPriorityWhileLaunching(dir: string, name: string, launch: Promise<unknown>, log: Logger): Promise<number | undefined> {
+    if (this.guestNice <= 0) return undefined;
     let settled = false;
     void launch.finally(() => {
       settled = true;
@@ -347,14 +351,17 @@ export class KvmDriver implements ComputeDriver {
       const pid = await readPidfile(pidfile);
       if (pid !== undefined && (await isVmProcess(pid, name))) {
         try {
-          await lowerProcessPriority(pid, this.guestNice);
+          const lowered = await lowerProcessPriority(pid, this.guestNice);
+          log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered during launch');
+          return pid;
         } catch (err) {
           log.debug({ err }, 'could not lower guest priority during launch');
+          return undefined;
         }
-        return;
       }
       await new Promise((r) => setTimeout(r, 5));
     }
+    return undefined;
   }
 
   private get network(): 'restricted' | 'user' | 'passt' {
