@@ -244,7 +244,7 @@ interface SpawnSample {
   phases: Phases;
 }
 
-async function spawnOnce(ctx: Ctx, client: ConsumerClient): Promise<SpawnSample> {
+async function spawnOnce(client: ConsumerClient): Promise<SpawnSample> {
   const t0 = performance.now();
   const r = await client.request({ type: 'spawn', root_password: password(), plan: PLAN.id }, { timeoutMs: REPLY_TIMEOUT_MS });
   const e2eMs = performance.now() - t0;
@@ -258,7 +258,7 @@ interface StopSample {
   goneMs: number;
 }
 
-async function stopOnce(ctx: Ctx, client: ConsumerClient, workloadId: string): Promise<StopSample> {
+async function stopOnce(client: ConsumerClient, workloadId: string): Promise<StopSample> {
   const pid = qemuPidOf(`paygress-${workloadId}`);
   if (pid === undefined) throw new Error(`no qemu found for ${workloadId}`);
   const t0 = performance.now();
@@ -617,18 +617,18 @@ async function main(): Promise<void> {
   const main = await newClient(ctx);
   // One unmeasured round trip: connections, JIT and the accel probe are not what a user waits for each time.
   {
-    const s = await spawnOnce(ctx, main);
-    await stopOnce(ctx, main, s.workloadId);
+    const s = await spawnOnce(main);
+    await stopOnce(main, s.workloadId);
   }
   const spawns: SpawnSample[] = [];
   const stops: StopSample[] = [];
   const floors: FloorSample[] = [];
   for (let i = 0; i < SPAWNS; i++) {
     floors.push(await floorOnce(ctx, i));
-    const s = await spawnOnce(ctx, main);
+    const s = await spawnOnce(main);
     s.phases = phasesOf(agent, s.workloadId);
     spawns.push(s);
-    stops.push(await stopOnce(ctx, main, s.workloadId));
+    stops.push(await stopOnce(main, s.workloadId));
     console.error(
       `bench: B1 #${i + 1}: spawn ${r1(s.e2eMs)} ms (floor ${floors[i]!.total_ms} ms), stop reply ${r1(stops[i]!.replyMs)} ms`,
     );
@@ -639,13 +639,13 @@ async function main(): Promise<void> {
   const b0 = performance.now();
   const burst = await Promise.all(
     burstClients.map(async (c) => {
-      const s = await spawnOnce(ctx, c);
+      const s = await spawnOnce(c);
       return { ...s, doneAt: performance.now() - b0 };
     }),
   );
   const burstMs = performance.now() - b0;
   console.error(`bench: B2 burst of ${BURST}: ${r1(burstMs)} ms`);
-  await Promise.all(burst.map((s, i) => stopOnce(ctx, burstClients[i]!, s.workloadId)));
+  await Promise.all(burst.map((s, i) => stopOnce(burstClients[i]!, s.workloadId)));
 
   // B2's hardware floor: the same ten overlay + seed + qemu sequences from a shell, all at once.
   const taken = new Set<number>();
@@ -658,12 +658,12 @@ async function main(): Promise<void> {
   console.error(`bench: B2 floor burst of ${BURST} shell sequences: ${r1(floorBurstMs)} ms`);
 
   // B4 (5 live leases).
-  const live = await Promise.all(burstClients.slice(0, LIVE_LEASES).map((c) => spawnOnce(ctx, c)));
+  const live = await Promise.all(burstClients.slice(0, LIVE_LEASES).map((c) => spawnOnce(c)));
   await sleep(2_000);
   const rssLeasesKb = procStatusKb(agentPid, 'VmRSS');
   const rssLeasesSplit = { anon_mb: r1(procStatusKb(agentPid, 'RssAnon') / 1024), file_mb: r1(procStatusKb(agentPid, 'RssFile') / 1024) };
   console.error(`bench: B4 RSS with ${LIVE_LEASES} leases ${r1(rssLeasesKb / 1024)} MB`);
-  await Promise.all(live.map((s, i) => stopOnce(ctx, burstClients[i]!, s.workloadId)));
+  await Promise.all(live.map((s, i) => stopOnce(burstClients[i]!, s.workloadId)));
   const rssPeakKb = procStatusKb(agentPid, 'VmHWM');
 
   // B3: in this process, while the agent idles.

@@ -326,11 +326,12 @@ export class Agent {
     };
   }
 
-  /** True while a stop of this workload is under way. */
+  /** True while the readiness watch of this workload runs (it has not been reported ready or failed yet). */
   isBooting(workloadId: string): boolean {
     return this.booting.has(workloadId);
   }
 
+  /** True while a stop of this workload is under way. */
   isStopping(workloadId: string): boolean {
     return this.stopping.has(workloadId);
   }

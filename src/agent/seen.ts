@@ -53,10 +53,6 @@ export class SeenStore {
     appendFileSync(this.file, ids.map((id) => `${t} ${id}\n`).join(''), { mode: 0o600 });
     return true;
   }
-
-  size(): number {
-    return this.seen.size;
-  }
 }
 
 function now(): number {

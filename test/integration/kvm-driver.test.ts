@@ -15,7 +15,7 @@ import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js'
 import { silentLogger } from '../../src/util/logger.js';
 import { isFree, isListening, processRuns, qemuPidsMatching, until } from '../support/net.js';
 import { ensureCloudGuest } from '../support/cloud-guest.js';
-import { ensureTinyGuest, tinyDriverConfig, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
+import { ensureTinyGuest, tinyDriverConfig, TINY_GUEST_BANNER, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
 import { filesUnder } from '../support/files.js';
 
 const PASSWORD = 'Sup3r-Secret-Pl@intext-Passw0rd';
@@ -121,7 +121,7 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
     // The guest booted: its fake sshd answers through the hostfwd port.
     let banner = '';
     await until(async () => (banner = await readLine(h.sshPort)).startsWith('SSH-2.0-'), 60_000, 'SSH banner');
-    expect(banner).toBe('SSH-2.0-paygress-tiny\n');
+    expect(banner).toBe(`${TINY_GUEST_BANNER}\n`);
     expect(readFileSync(join(h.dir, 'serial.log'), 'utf8')).toContain(TINY_GUEST_MARKER);
 
     // No file the workload owns holds the plaintext; the seed carries the hash instead.

@@ -25,15 +25,6 @@ export class PortAllocator {
     return this.to - this.from + 1;
   }
 
-  isReserved(port: number): boolean {
-    return this.reserved.has(port);
-  }
-
-  /** Mark a port as taken (e.g. by an adopted workload). */
-  reserve(port: number): void {
-    this.reserved.add(port);
-  }
-
   release(port: number): void {
     this.reserved.delete(port);
   }
