@@ -3,11 +3,9 @@
  * openssh-server, booted with -kernel/-initrd (see scripts/build-cloud-guest.sh
  * and docs/guest-images.md). Built once into the user cache, outside the repo.
  */
-import { existsSync, readFileSync, statSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { execa } from 'execa';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ensureGuest, guestBuildScript, guestDir, nonEmptyFile } from './guest-cache.js';
 
 export interface CloudGuest {
   /** Folder holding the outputs. */
@@ -27,13 +25,11 @@ export interface CloudGuest {
 /** What the build script writes into `append`; used until the file exists. */
 export const DEFAULT_CLOUD_GUEST_APPEND = 'root=LABEL=rootfs rw console=ttyS0';
 
-const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const CLOUD_GUEST_BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build-cloud-guest.sh');
+export const CLOUD_GUEST_BUILD_SCRIPT = guestBuildScript('cloud');
 
 /** Where the guest lives; the same rule as the build script (PAYGRESS_CACHE_DIR or ~/.cache/paygress-agent). */
 export function cloudGuestPaths(env: NodeJS.ProcessEnv = process.env): CloudGuest {
-  const cache = env.PAYGRESS_CACHE_DIR || join(env.HOME || homedir(), '.cache', 'paygress-agent');
-  const dir = join(cache, 'guests', 'cloud');
+  const dir = guestDir('cloud', env);
   const appendFile = join(dir, 'append');
   const append = existsSync(appendFile) ? readFileSync(appendFile, 'utf8').trim() : DEFAULT_CLOUD_GUEST_APPEND;
   return {
@@ -46,14 +42,6 @@ export function cloudGuestPaths(env: NodeJS.ProcessEnv = process.env): CloudGues
   };
 }
 
-function nonEmptyFile(path: string): boolean {
-  try {
-    return statSync(path).size > 0;
-  } catch {
-    return false;
-  }
-}
-
 /** True when every output the build script makes is present. */
 export function cloudGuestBuilt(paths: CloudGuest = cloudGuestPaths()): boolean {
   return [paths.kernel, paths.initrd, paths.baseImage, paths.appendFile].every(nonEmptyFile);
@@ -64,18 +52,6 @@ export function cloudGuestBuilt(paths: CloudGuest = cloudGuestPaths()): boolean 
  * mmdebstrap against the Debian mirror (about 100 s here, needs root); its
  * progress goes to our stderr so a slow first run is visibly not a hang.
  */
-export async function ensureCloudGuest(): Promise<CloudGuest> {
-  const before = cloudGuestPaths();
-  if (cloudGuestBuilt(before)) return before;
-  await execa('bash', [CLOUD_GUEST_BUILD_SCRIPT], {
-    stdin: 'ignore',
-    stdout: 'ignore',
-    stderr: 'inherit',
-    timeout: 20 * 60_000,
-  });
-  const after = cloudGuestPaths();
-  if (!cloudGuestBuilt(after)) {
-    throw new Error(`${CLOUD_GUEST_BUILD_SCRIPT} finished but outputs are missing in ${after.dir}`);
-  }
-  return after;
+export function ensureCloudGuest(): Promise<CloudGuest> {
+  return ensureGuest({ script: CLOUD_GUEST_BUILD_SCRIPT, paths: () => cloudGuestPaths(), built: cloudGuestBuilt, timeoutMs: 20 * 60_000 });
 }

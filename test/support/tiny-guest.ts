@@ -5,12 +5,10 @@
  * booted a guest and hostfwd reaches it", not SSH login. Built once into the
  * user cache, outside the repo.
  */
-import { readFileSync, statSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { basename, dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { execa } from 'execa';
+import { readFileSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import type { KvmDriverConfig } from '../../src/drivers/kvm/config.js';
+import { ensureGuest, guestBuildScript, guestDir, nonEmptyFile } from './guest-cache.js';
 
 export interface TinyGuest {
   dir: string;
@@ -32,13 +30,11 @@ export const TINY_GUEST_APPEND = 'console=ttyS0 quiet';
 /** GUEST_VERSION in scripts/build-tiny-guest.sh: an older cached build is rebuilt. */
 export const TINY_GUEST_VERSION = '2';
 
-const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
-export const TINY_GUEST_BUILD_SCRIPT = join(REPO_ROOT, 'scripts', 'build-tiny-guest.sh');
+export const TINY_GUEST_BUILD_SCRIPT = guestBuildScript('tiny');
 
 /** Where the guest lives; the same rule as the build script (PAYGRESS_CACHE_DIR or ~/.cache/paygress-agent). */
 export function tinyGuestPaths(env: NodeJS.ProcessEnv = process.env): TinyGuest {
-  const cache = env.PAYGRESS_CACHE_DIR || join(env.HOME || homedir(), '.cache', 'paygress-agent');
-  const dir = join(cache, 'guests', 'tiny');
+  const dir = guestDir('tiny', env);
   return {
     dir,
     kernel: join(dir, 'vmlinuz'),
@@ -47,14 +43,6 @@ export function tinyGuestPaths(env: NodeJS.ProcessEnv = process.env): TinyGuest 
     append: TINY_GUEST_APPEND,
     readiness: 'ssh-banner',
   };
-}
-
-function nonEmptyFile(path: string): boolean {
-  try {
-    return statSync(path).size > 0;
-  } catch {
-    return false;
-  }
 }
 
 export function tinyGuestBuilt(paths: TinyGuest = tinyGuestPaths()): boolean {
@@ -68,18 +56,8 @@ export function tinyGuestBuilt(paths: TinyGuest = tinyGuestPaths()): boolean {
 }
 
 /** The guest's paths, building it first (apt-get download + cpio, a few seconds) if any output is missing. */
-export async function ensureTinyGuest(): Promise<TinyGuest> {
-  const before = tinyGuestPaths();
-  if (tinyGuestBuilt(before)) return before;
-  await execa('bash', [TINY_GUEST_BUILD_SCRIPT], {
-    stdin: 'ignore',
-    stdout: 'ignore',
-    stderr: 'inherit',
-    timeout: 10 * 60_000,
-  });
-  const after = tinyGuestPaths();
-  if (!tinyGuestBuilt(after)) throw new Error(`${TINY_GUEST_BUILD_SCRIPT} finished but outputs are missing in ${after.dir}`);
-  return after;
+export function ensureTinyGuest(): Promise<TinyGuest> {
+  return ensureGuest({ script: TINY_GUEST_BUILD_SCRIPT, paths: () => tinyGuestPaths(), built: tinyGuestBuilt, timeoutMs: 10 * 60_000 });
 }
 
 /**
