@@ -27,7 +27,7 @@
  */
 import { execa } from 'execa';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -37,6 +37,7 @@ import { generateSecretKey, getPublicKey, verifyEvent } from 'nostr-tools/pure';
 import * as nip17 from 'nostr-tools/nip17';
 import { ConsumerClient, type ReplyMessage } from '../src/client/consumer.js';
 import { buildQemuArgv, vmFile } from '../src/drivers/kvm/argv.js';
+import { findPids, findVmPids, isAlive, processArgv, readPidfile, stopIdentified, stopVmProcess } from '../src/drivers/kvm/process.js';
 import { buildCloudConfig } from '../src/drivers/kvm/cloud-config.js';
 import { canBind } from '../src/drivers/kvm/ports.js';
 import { openDm, sealDmRequest } from '../src/nostr/dm.js';
@@ -96,67 +97,21 @@ function procStatusKb(pid: number, field: 'VmRSS' | 'VmHWM' | 'RssAnon' | 'RssFi
   return Number(m[1]);
 }
 
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat[stat.lastIndexOf(')') + 2];
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-/** Pids of every process whose argv mentions `needle` (our temp root): qemus we or the agent started. */
-function pidsMentioning(needle: string): number[] {
-  const pids: number[] = [];
-  for (const e of readdirSync('/proc')) {
-    if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
-    try {
-      if (readFileSync(`/proc/${e}/cmdline`, 'utf8').includes(needle)) pids.push(Number(e));
-    } catch {
-      /* exited meanwhile */
-    }
-  }
-  return pids;
-}
-
-function qemuPidOf(name: string): number | undefined {
-  const want = `-name\0${name},`;
-  for (const e of readdirSync('/proc')) {
-    if (!/^\d+$/.test(e)) continue;
-    try {
-      if (readFileSync(`/proc/${e}/cmdline`, 'utf8').includes(want)) return Number(e);
-    } catch {
-      /* exited meanwhile */
-    }
-  }
-  return undefined;
-}
-
 /** Resolves with the time qemu `pid` was seen gone; polled finely (2 ms) so the stamp is accurate. */
 async function watchGone(pid: number, timeoutMs: number): Promise<number> {
   const end = performance.now() + timeoutMs;
-  while (alive(pid)) {
+  while (await isAlive(pid)) {
     if (performance.now() > end) throw new Error(`qemu ${pid} still alive after ${timeoutMs} ms`);
     await sleep(2);
   }
   return performance.now();
 }
 
-async function killAndWait(pid: number): Promise<void> {
-  try {
-    process.kill(pid, 'SIGTERM');
-  } catch {
-    return;
-  }
-  const end = Date.now() + 5_000;
-  while (alive(pid) && Date.now() < end) await sleep(20);
-  if (alive(pid)) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
+/** Stop every process whose argv mentions `needle` (our temp root): qemus we or the agent started. One stuck pid does not stop the rest. */
+async function stopAllMentioning(needle: string): Promise<void> {
+  const mentions = async (pid: number) => (await processArgv(pid))?.some((a) => a.includes(needle)) ?? false;
+  for (const pid of await findPids((argv) => argv.some((a) => a.includes(needle)))) {
+    await stopIdentified(pid, () => mentions(pid), 5_000, `bench leftover ${pid}`).catch((err: Error) => console.error(`bench: ${err.message}`));
   }
 }
 
@@ -259,7 +214,7 @@ interface StopSample {
 }
 
 async function stopOnce(client: ConsumerClient, workloadId: string): Promise<StopSample> {
-  const pid = qemuPidOf(`paygress-${workloadId}`);
+  const [pid] = await findVmPids(`paygress-${workloadId}`);
   if (pid === undefined) throw new Error(`no qemu found for ${workloadId}`);
   const t0 = performance.now();
   const gone = watchGone(pid, REPLY_TIMEOUT_MS);
@@ -286,13 +241,14 @@ interface FloorRun {
 
 /** Everything the floor needs before its clock starts: folder, port, the agent's own argv for the same VM. */
 async function prepareFloor(ctx: Ctx, i: number, taken: Set<number>): Promise<FloorRun> {
+  const name = `pgbench-floor-${i}`;
   const dir = path.join(ctx.root, 'floor', String(i));
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const port = await freePort(FLOOR_PORTS, taken);
   taken.add(port);
   const argv = buildQemuArgv({
     accel: 'tcg',
-    name: `pgbench-floor-${i}`,
+    name,
     uuid: randomUUID(),
     dir,
     vcpus: PLAN.vcpus,
@@ -321,8 +277,8 @@ async function prepareFloor(ctx: Ctx, i: number, taken: Set<number>): Promise<Fl
       return { ...(JSON.parse(res.stdout) as Omit<FloorSample, 'wall_ms'>), wall_ms: wall };
     },
     async cleanup() {
-      const pid = Number(readFileSync(vmFile(dir, 'pidfile'), 'utf8').trim() || NaN);
-      if (Number.isInteger(pid)) await killAndWait(pid);
+      const pid = await readPidfile(vmFile(dir, 'pidfile'));
+      if (pid !== undefined) await stopVmProcess(pid, name, 5_000);
       rmSync(dir, { recursive: true, force: true });
     },
   };
@@ -559,7 +515,7 @@ async function main(): Promise<void> {
   cleanups.push(() => rmSync(root, { recursive: true, force: true }));
   // Anything still running that mentions our root (agent-made or floor qemus) dies last-but-one.
   cleanups.push(async () => {
-    for (const pid of pidsMentioning(root)) await killAndWait(pid);
+    await stopAllMentioning(root);
   });
   const loadBefore = os.loadavg();
   console.error(`bench: root ${root}; preparing guest, relay and agent...`);
