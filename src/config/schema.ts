@@ -4,12 +4,13 @@
  */
 import { z } from 'zod';
 import { ISOLATION_LEVELS } from '../protocol/isolation.js';
+import { PLAN_ID_PATTERN } from '../protocol/requests.js';
 
 const relayUrl = z
   .string()
   .regex(/^wss?:\/\/[^\s]+$/, 'must be a ws:// or wss:// URL');
 
-const planId = z.string().regex(/^[a-z0-9][a-z0-9-]{0,31}$/, 'must be lowercase letters, digits and dashes');
+const planId = z.string().regex(PLAN_ID_PATTERN, 'must be lowercase letters, digits and dashes');
 
 export const PlanSchema = z.object({
   id: planId,
@@ -123,15 +124,8 @@ export const ConfigSchema = z
           .object({ vcpus: z.number().int().min(1).optional(), memoryMb: z.number().int().min(64).optional() })
           .optional(),
       })
-      .default({
-        maxContentBytes: 65_536,
-        maxConcurrentRequests: 8,
-        ratePerMinute: 30,
-        rateBurst: 10,
-        maxVmsPerSender: 3,
-        maxVms: 32,
-        maxSpawnsInFlight: 4,
-      }),
+      // prefault: a missing section is parsed as {}, so each field's own default applies (one place per value).
+      .prefault({}),
     leases: z
       .object({
         /** How often leases are checked for expiry and for dead workloads. */
@@ -139,9 +133,9 @@ export const ConfigSchema = z
         /** The owner gets an `expiring` notice this long before the end. */
         warnBeforeSeconds: z.number().int().min(0).default(300),
       })
-      .default({ checkIntervalMs: 2_000, warnBeforeSeconds: 300 }),
+      .prefault({}),
     drivers: z.object({ kvm: KvmConfigSchema.optional() }),
-    discovery: DiscoverySchema.default({ enabled: true, heartbeatSeconds: 60, capabilities: ['vm', 'kvm', 'ssh'] }),
+    discovery: DiscoverySchema.prefault({}),
   })
   .superRefine((cfg, ctx) => {
     if (!cfg.plans.some((p) => p.id === cfg.defaultPlan)) {

@@ -10,6 +10,8 @@ import { isValidSshPublicKey } from './ssh-key.js';
 
 export const MAX_CONTENT_BYTES = 64 * 1024;
 export const WORKLOAD_ID_PATTERN = /^w-[0-9a-f]{12}$/;
+/** A plan id, in requests and in the config that defines the plans. */
+export const PLAN_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,31}$/;
 
 const version = z.literal(1).optional();
 const workloadId = z.string().regex(WORKLOAD_ID_PATTERN, 'must be a workload id like w-0123456789ab');
@@ -23,7 +25,7 @@ export const SpawnRequestSchema = z.object({
     .min(12, 'must be at least 12 characters')
     .max(256, 'must be at most 256 characters')
     .refine((s) => !/[\u0000-\u001f\u007f]/.test(s), 'must not contain control characters'),
-  plan: z.string().regex(/^[a-z0-9][a-z0-9-]{0,31}$/, 'must be a plan id').optional(),
+  plan: z.string().regex(PLAN_ID_PATTERN, 'must be a plan id').optional(),
   vcpus: z.number().int().min(1).max(256).optional(),
   memory_mb: z.number().int().min(64).max(1_048_576).optional(),
   disk_gb: z.number().int().min(1).max(65_536).optional(),
