@@ -4,7 +4,7 @@
  * the demo, the tests and the benchmarks — one client, not four.
  */
 import { randomBytes } from 'node:crypto';
-import { openDm, sealDmRequest } from '../nostr/dm.js';
+import { dmFilter, openDm, sealDmRequest } from '../nostr/dm.js';
 import { pubkeyOf } from '../nostr/keys.js';
 import { RelayPool } from '../nostr/relays.js';
 import type { DmChannel, NostrEvent } from '../nostr/types.js';
@@ -41,9 +41,7 @@ export class ConsumerClient {
   /** Connect and listen for DMs from the provider. */
   async start(timeoutMs = 10_000): Promise<void> {
     this.pool.start();
-    // Gift wraps are back-dated up to two days; kind 4 is not, but one filter keeps it simple.
-    const since = Math.floor(Date.now() / 1000) - 2 * 24 * 3600 - 600;
-    this.pool.subscribe([{ kinds: [1059, 4], '#p': [this.pubkey], since }], (ev) => this.onEvent(ev));
+    this.pool.subscribe([dmFilter(this.pubkey, 600)], (ev) => this.onEvent(ev));
     await this.pool.waitConnected(timeoutMs);
   }
 

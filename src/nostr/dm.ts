@@ -44,7 +44,16 @@ export const KIND_GIFT_WRAP = 1059;
 const MAX_CONTENT_CHARS = 256 * 1024;
 
 /** NIP-59 randomises seal and wrap timestamps up to two days into the past. */
-const TWO_DAYS = 2 * 24 * 60 * 60;
+export const TWO_DAYS = 2 * 24 * 60 * 60;
+
+/**
+ * The subscription for DMs to `pubkey` on either channel: gift wraps are
+ * back-dated up to TWO_DAYS, so `since` must reach that far back plus the
+ * caller's slack (kind 4 is not back-dated; one filter keeps it simple).
+ */
+export function dmFilter(pubkey: string, slackSeconds: number): { kinds: number[]; '#p': string[]; since: number } {
+  return { kinds: [KIND_GIFT_WRAP, KIND_NIP04_DM], '#p': [pubkey], since: Math.floor(Date.now() / 1000) - TWO_DAYS - slackSeconds };
+}
 
 /**
  * The single place a NIP-44 conversation key (secp256k1 ECDH + HKDF-extract) is

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import type { Config } from '../config/schema.js';
 import type { ComputeDriver } from '../drivers/types.js';
 import { KvmDriver, ensureBaseImage } from '../drivers/kvm/index.js';
-import type { OpenResult } from '../nostr/dm.js';
+import { dmFilter, TWO_DAYS, type OpenResult } from '../nostr/dm.js';
 import { pubkeyOf, readKeyFile } from '../nostr/keys.js';
 import { RelayPool } from '../nostr/relays.js';
 import type { NostrEvent } from '../nostr/types.js';
@@ -22,8 +22,10 @@ import type { Logger } from '../util/logger.js';
 import { NostrOutbox } from './nostr-outbox.js';
 import { DiscoveryPublisher } from '../discovery/publisher.js';
 
-/** Gift wraps are back-dated up to two days (NIP-59); the window must cover that plus clock slack. */
-export const SINCE_WINDOW_SECONDS = 2 * 24 * 3600 + 3600;
+/** Clock slack beyond the two days gift wraps may be back-dated (NIP-59). */
+const SINCE_SLACK_SECONDS = 3600;
+/** How far back the subscription reaches; older DMs are dropped. */
+export const SINCE_WINDOW_SECONDS = TWO_DAYS + SINCE_SLACK_SECONDS;
 /** Remember taken ids for longer than anything the subscription can bring back. */
 const SEEN_RETENTION_SECONDS = 2 * SINCE_WINDOW_SECONDS;
 
@@ -164,7 +166,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   // The window is recomputed at every (re)connect: always the last two days
   // plus slack, never "newest seen" (gift-wrap timestamps are random).
   const sub = pool.subscribe(
-    () => [{ kinds: [1059, 4], '#p': [pubkey], since: Math.floor(Date.now() / 1000) - SINCE_WINDOW_SECONDS }],
+    () => [dmFilter(pubkey, SINCE_SLACK_SECONDS)],
     onEvent,
   );
   logger.info({ pubkey, relays: cfg.relays, tiers: cfg.tiers.map((t) => t.level) }, 'agent listening');
