@@ -67,6 +67,8 @@ export function parsePublicKey(s: string): string {
       throw new KeyFormatError('public key looks like an npub but does not decode (bad checksum or length)');
     }
     if (decoded.type !== 'npub') throw new KeyFormatError('public key must be an npub');
+    // bech32 carries any length: an npub of 20 bytes decodes fine and is no key.
+    if (!HEX64.test(decoded.data)) throw new KeyFormatError('public key is an npub of the wrong length (must be 32 bytes)');
     return decoded.data;
   }
   if (t.startsWith('nsec1')) throw new KeyFormatError('expected a public key (npub) but got a secret key (nsec); never share an nsec');

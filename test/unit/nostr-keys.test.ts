@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { bytesToHex } from '@noble/hashes/utils.js';
+import { npubEncode } from 'nostr-tools/nip19';
 import {
   KeyFileError,
   generateSecretKey,
@@ -53,6 +54,11 @@ describe('key parsing', () => {
       expect(msg, `input #${bad.indexOf(input)}`).not.toBe('');
       if (input.length > 8) expect(msg).not.toContain(input);
     }
+  });
+
+  it('rejects an npub that does not hold 32 bytes', () => {
+    const short = npubEncode('ab'.repeat(20));
+    expect(() => parsePublicKey(short)).toThrow(/wrong length/);
   });
 
   it('rejects an nsec where a public key is expected', () => {
