@@ -9,7 +9,7 @@
  *   real relay: qemu runs as that user and the VM files are private.
  */
 import { execa } from 'execa';
-import { chmodSync, chownSync, copyFileSync, cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { generateSecretKey, getPublicKey } from 'nostr-tools';
@@ -18,7 +18,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConsumerClient } from '../../src/client/consumer.js';
 import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest, type TinyGuest } from '../support/tiny-guest.js';
-import { until } from '../support/net.js';
+import { processRuns, until } from '../support/net.js';
 
 const REPO = resolve(import.meta.dirname, '..', '..');
 const UNIT = join(REPO, 'systemd', 'paygress-agent.service');
@@ -183,10 +183,10 @@ describe('systemd unit, sysusers and tmpfiles', () => {
       await relay?.stop();
       // VMs outlive the agent by design: a test that failed before its stop leaves one behind.
       const vms = root ? join(root, 'state', 'vms') : undefined;
-      for (const id of vms && safeExists(vms) ? readdirSync(vms) : []) {
+      for (const id of vms && existsSync(vms) ? readdirSync(vms) : []) {
         try {
           const pid = Number(readFileSync(join(vms!, id, 'qemu.pid'), 'utf8').trim() || 0);
-          if (pid > 1 && readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(join(vms!, id))) process.kill(pid, 'SIGKILL');
+          if (pid > 1 && processRuns(pid, join(vms!, id))) process.kill(pid, 'SIGKILL');
         } catch {
           // no pidfile or already gone
         }
@@ -217,19 +217,11 @@ describe('systemd unit, sysusers and tmpfiles', () => {
         expect(modes.filter((m) => !m.endsWith(' 600')), modes.join(', ')).toEqual([]);
         const stopped = await c.request({ type: 'stop', workload_id: id }, { timeoutMs: 30_000 });
         expect(stopped.type).toBe('stopped');
-        await until(() => !safeExists(`/proc/${pid}`), 15_000, 'qemu gone');
+        // A zombie keeps /proc/<pid>; processRuns counts it as gone.
+        await until(() => !processRuns(pid), 15_000, 'qemu gone');
       } finally {
         await c.close();
       }
     }, 240_000);
   });
 });
-
-function safeExists(p: string): boolean {
-  try {
-    statSync(p);
-    return true;
-  } catch {
-    return false;
-  }
-}
