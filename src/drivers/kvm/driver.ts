@@ -24,7 +24,7 @@ import { attachSeedAndStart, buildQemuArgv, SUN_PATH_MAX, vmFile } from './argv.
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
-import { findVmPids, isAlive, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { findVmPids, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
@@ -451,7 +451,8 @@ export class KvmDriver implements ComputeDriver {
     const meta = await this.readMeta(id);
     const name = this.vmName(id);
     const pid = await readPidfile(vmFile(this.workloadDir(id), 'pidfile'));
-    const running = pid !== undefined && (await isAlive(pid)) && (await isVmProcess(pid, name));
+    // isVmProcess is false for a zombie too (its cmdline is empty).
+    const running = pid !== undefined && (await isVmProcess(pid, name));
     if (running) return { id, state: 'running', pid, sshPort: meta?.sshPort };
     return meta ? { id, state: 'gone', sshPort: meta.sshPort } : { id, state: 'gone' };
   }
@@ -495,13 +496,17 @@ export class KvmDriver implements ComputeDriver {
       ms: Date.now() - t0,
       consoleTail: await readConsoleTail(vmFile(dir, 'serialLog')),
     });
+    // vm.json is written once at launch: port and token are read once, not per poll.
+    const meta = await this.readMeta(id);
+    if (!meta) return failed('died');
+    const name = this.vmName(id);
     for (;;) {
-      const seen = await this.inspect(id);
-      if (seen.state !== 'running' || seen.sshPort === undefined) return failed('died');
+      const pid = await readPidfile(vmFile(dir, 'pidfile'));
+      if (pid === undefined || !(await isVmProcess(pid, name))) return failed('died');
       // The banner is cheap to keep probing until it first answers; after that
       // only the console marker is awaited.
-      banner ||= await probeSshBanner(host, seen.sshPort, 2000);
-      if (banner && (!needCloudInit || (await this.cloudInitFinished(id)))) return { ready: true, ms: Date.now() - t0 };
+      banner ||= await probeSshBanner(host, meta.sshPort, 2000);
+      if (banner && (!needCloudInit || (await serialShowsFinalMessage(dir, meta.readyToken)))) return { ready: true, ms: Date.now() - t0 };
       if (Date.now() - t0 >= opts.timeoutMs || opts.signal?.aborted) return failed('timeout');
       // A boot takes seconds to minutes: a half-second poll costs nothing and
       // reacts to a dead qemu at once.
@@ -516,13 +521,15 @@ export class KvmDriver implements ComputeDriver {
    */
   async cloudInitFinished(id: string): Promise<boolean> {
     const meta = await this.readMeta(id);
-    if (!meta) return false;
-    try {
-      const log = await readFile(vmFile(this.workloadDir(id), 'serialLog'), 'utf8');
-      return log.includes(finalMessageFor(meta.readyToken));
-    } catch {
-      return false;
-    }
+    return meta !== undefined && serialShowsFinalMessage(this.workloadDir(id), meta.readyToken);
+  }
+}
+
+async function serialShowsFinalMessage(dir: string, readyToken: string): Promise<boolean> {
+  try {
+    return (await readFile(vmFile(dir, 'serialLog'), 'utf8')).includes(finalMessageFor(readyToken));
+  } catch {
+    return false;
   }
 }
 
