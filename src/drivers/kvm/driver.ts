@@ -24,7 +24,7 @@ import { attachSeedAndStart, buildQemuArgv, SUN_PATH_MAX, vmFile } from './argv.
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
-import { findVmPids, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
@@ -274,10 +274,11 @@ export class KvmDriver implements ComputeDriver {
       log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
       if (res.exitCode === 0) break;
 
-      // The parent failed, but a child may exist (e.g. the launcher timed out): find it by name.
-      await this.killByName(name, dir);
       const stderr = tail(res.stderr as string | undefined);
       if (stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
+        // The parent failed, but a child may exist: stop it before the next try.
+        // (On the throws below, createLocked's cleanup stops it.)
+        await this.killByName(name, dir);
         log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
         this.ports.release(port);
         taken.port = undefined;
@@ -322,10 +323,12 @@ export class KvmDriver implements ComputeDriver {
     if (knownPid !== undefined) pids.add(knownPid);
     const fromFile = await readPidfile(vmFile(dir, 'pidfile'));
     if (fromFile !== undefined) pids.add(fromFile);
-    for (const p of await findVmPids(name)) pids.add(p);
+    // One pass over /proc finds both this VM's qemu and its passt.
+    const procs = await listProcesses();
+    for (const p of procs) if (argvHasVmName(p.argv, name)) pids.add(p.pid);
     for (const p of pids) await stopVmProcess(p, name, this.config.stopTimeoutMs);
     // Whatever the configured mode is now: the VM may date from another one.
-    await stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), this.config.stopTimeoutMs);
+    await stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), this.config.stopTimeoutMs, procs);
   }
 
   private get guestNice(): number {

@@ -114,12 +114,13 @@ export function findPasstPids(socket: string): Promise<number[]> {
 }
 
 /**
- * Stop every passt of this socket (pidfile's pid and any found by scan):
+ * Stop every passt of this socket (pidfile's pid and any found by scan, or in
+ * `scanned` when the caller has just listed the processes):
  * SIGTERM, then SIGKILL after `timeoutMs`; a pid is signalled only while its
  * cmdline still names this socket.
  */
-export async function stopPasst(socket: string, pidfile: string, timeoutMs: number): Promise<void> {
-  const pids = new Set(await findPasstPids(socket));
+export async function stopPasst(socket: string, pidfile: string, timeoutMs: number, scanned?: ReadonlyArray<{ pid: number; argv: readonly string[] }>): Promise<void> {
+  const pids = new Set(scanned ? scanned.filter((p) => argvIsPasstFor(p.argv, socket)).map((p) => p.pid) : await findPasstPids(socket));
   const fromFile = await readPidfile(pidfile);
   if (fromFile !== undefined) pids.add(fromFile);
   for (const pid of pids) await stopIdentified(pid, () => isPasstProcess(pid, socket), timeoutMs, `passt for ${socket}`);

@@ -67,17 +67,22 @@ export async function isAlive(pid: number): Promise<boolean> {
   }
 }
 
-/** Every live process (other than this one) whose argv satisfies `matches`. */
-export async function findPids(matches: (argv: readonly string[]) => boolean): Promise<number[]> {
-  const pids: number[] = [];
+/** Every live process other than this one, with its argv: one pass over /proc. */
+export async function listProcesses(): Promise<Array<{ pid: number; argv: string[] }>> {
+  const out: Array<{ pid: number; argv: string[] }> = [];
   for (const entry of await readdir('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     const pid = Number(entry);
     if (pid === process.pid) continue;
     const argv = await processArgv(pid);
-    if (argv !== undefined && matches(argv)) pids.push(pid);
+    if (argv !== undefined) out.push({ pid, argv });
   }
-  return pids;
+  return out;
+}
+
+/** Every live process (other than this one) whose argv satisfies `matches`. */
+export async function findPids(matches: (argv: readonly string[]) => boolean): Promise<number[]> {
+  return (await listProcesses()).filter((p) => matches(p.argv)).map((p) => p.pid);
 }
 
 /** Every live process whose argv names this VM; finds a qemu whose pidfile is missing. */
