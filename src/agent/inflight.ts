@@ -4,12 +4,12 @@
  * (SIGKILL, power loss), the next start finds the record, releases whatever
  * the half-done spawn took, and still answers the consumer.
  */
-import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
-import { writeFileAtomicAsync } from '../util/atomic-file.js';
+import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const InflightSchema = z.object({
   requestId: z.string().regex(/^[0-9a-f]{64}$/),
@@ -40,15 +40,8 @@ export class InflightJournal {
 
   /** Entries left by a previous run; unreadable files are removed (they hold nothing we could act on). */
   leftovers(): Inflight[] {
-    const out: Inflight[] = [];
-    for (const name of readdirSync(this.dir)) {
-      const file = join(this.dir, name);
-      try {
-        out.push(InflightSchema.parse(JSON.parse(readFileSync(file, 'utf8'))));
-      } catch {
-        rmSync(file, { force: true });
-      }
-    }
-    return out;
+    const { records, broken } = readJsonRecords(this.dir, (json) => InflightSchema.parse(json));
+    for (const file of broken) rmSync(file, { force: true });
+    return records;
   }
 }

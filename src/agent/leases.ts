@@ -3,13 +3,13 @@
  * per workload under `<stateDir>/leases/`, written atomically with mode 0600,
  * so a restarted agent knows every owner. Holds no secrets.
  */
-import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { z } from 'zod';
 import { ISOLATION_LEVELS } from '../protocol/isolation.js';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
-import { writeFileAtomicAsync } from '../util/atomic-file.js';
+import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const LeaseSchema = z.object({
   workloadId: z.string().regex(WORKLOAD_ID_PATTERN),
@@ -45,17 +45,9 @@ export class LeaseStore {
 
   /** Read every lease file; unreadable ones are returned by name so the caller can report them. */
   load(): { loaded: number; broken: string[] } {
-    const broken: string[] = [];
-    for (const name of readdirSync(this.dir)) {
-      if (!name.endsWith('.json')) continue;
-      try {
-        const lease = LeaseSchema.parse(JSON.parse(readFileSync(join(this.dir, name), 'utf8')));
-        this.leases.set(lease.workloadId, lease);
-      } catch {
-        broken.push(name);
-      }
-    }
-    return { loaded: this.leases.size, broken };
+    const { records, broken } = readJsonRecords(this.dir, (json) => LeaseSchema.parse(json));
+    for (const lease of records) this.leases.set(lease.workloadId, lease);
+    return { loaded: this.leases.size, broken: broken.map((file) => basename(file)) };
   }
 
   get(id: string): Lease | undefined {

@@ -5,13 +5,13 @@
  * delays replies instead of losing them.
  */
 import { randomUUID } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Outbox, Route } from '../agent/agent.js';
 import { sealDm } from '../nostr/dm.js';
 import type { RelayPool } from '../nostr/relays.js';
 import type { DmChannel } from '../nostr/types.js';
-import { writeFileAtomic } from '../util/atomic-file.js';
+import { readJsonRecords, writeFileAtomic } from '../util/atomic-file.js';
 import type { Logger } from '../util/logger.js';
 
 export interface NostrOutboxOptions {
@@ -55,19 +55,13 @@ export class NostrOutbox implements Outbox {
     const dir = this.opts.spoolDir;
     if (!dir) return 0;
     let resumed = 0;
-    for (const name of readdirSync(dir)) {
-      if (!name.endsWith('.json')) continue;
-      const file = join(dir, name);
-      let pending: Pending;
-      try {
-        pending = JSON.parse(readFileSync(file, 'utf8')) as Pending;
-      } catch {
-        rmSync(file, { force: true }); // a torn write cannot happen (atomic), so this is foreign junk
-        continue;
-      }
+    const { records, broken } = readJsonRecords(dir, (json) => json as Pending);
+    // A torn write cannot happen (atomic), so what does not parse is foreign junk.
+    for (const file of broken) rmSync(file, { force: true });
+    for (const pending of records) {
       if (Date.now() > pending.deadline) {
         this.opts.logger.error({ to: pending.route.to, replyTo: pending.route.replyTo }, 'spooled message past its deadline dropped');
-        rmSync(file, { force: true });
+        this.unspool(pending);
         continue;
       }
       resumed++;

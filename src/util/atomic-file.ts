@@ -1,7 +1,39 @@
-import { closeSync, fsyncSync, openSync, renameSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { open, rename, rm } from 'node:fs/promises';
 import { dirname, basename, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
+
+/** Where the atomic writers stage `path`: `.<name>.<8 hex>.tmp` beside it. */
+function tempPathFor(path: string): string {
+  return join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.tmp`);
+}
+const TEMP_NAME = /^\..+\.[0-9a-f]{8}\.tmp$/;
+
+/**
+ * A folder of one-JSON-file-per-record stores (leases, the spawn journal, the
+ * outbox spool), read at start-up: every `*.json` parsed by `parse` (which
+ * throws for a bad one), and the files that did not parse, for the caller to
+ * report or remove. Temp files of writes a crash interrupted are removed: at
+ * start-up no write of this process is under way.
+ */
+export function readJsonRecords<T>(dir: string, parse: (json: unknown) => T): { records: T[]; broken: string[] } {
+  const records: T[] = [];
+  const broken: string[] = [];
+  for (const name of readdirSync(dir)) {
+    const file = join(dir, name);
+    if (TEMP_NAME.test(name)) {
+      rmSync(file, { force: true });
+      continue;
+    }
+    if (!name.endsWith('.json')) continue;
+    try {
+      records.push(parse(JSON.parse(readFileSync(file, 'utf8'))));
+    } catch {
+      broken.push(file);
+    }
+  }
+  return { records, broken };
+}
 
 /**
  * Write a file so that readers see the old content or the new, never a torn
@@ -9,7 +41,7 @@ import { randomBytes } from 'node:crypto';
  * the folder. Mode applies from creation (no window with wider permissions).
  */
 export function writeFileAtomic(path: string, data: string, mode = 0o600): void {
-  const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.tmp`);
+  const tmp = tempPathFor(path);
   const fd = openSync(tmp, 'wx', mode);
   try {
     writeSync(fd, data);
@@ -32,7 +64,7 @@ export function writeFileAtomic(path: string, data: string, mode = 0o600): void 
  * requests go on meanwhile. Resolves once the file is durable.
  */
 export async function writeFileAtomicAsync(path: string, data: string, mode = 0o600): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.tmp`);
+  const tmp = tempPathFor(path);
   const fh = await open(tmp, 'wx', mode);
   try {
     await fh.writeFile(data);
