@@ -199,9 +199,13 @@ export class Agent {
   private async watchReady(workloadId: string, log: Logger, timeoutMs: number): Promise<void> {
     const lease = this.opts.leases.get(workloadId);
     const driver = lease && this.opts.drivers[lease.driver];
-    if (!lease || !driver) return;
+    if (!lease || !driver) {
+      this.booting.delete(workloadId);
+      return;
+    }
     const route: Route = { to: lease.owner, channel: lease.channel, replyTo: lease.requestId };
     const base = { version: 1, request_id: lease.requestId, workload_id: workloadId } as const;
+    // Already set for a new spawn (spawnAdmitted); set here for a watch resumed after a restart.
     this.booting.add(workloadId);
     const result = await driver
       .waitReady(workloadId, { timeoutMs, signal: this.shutdown.signal })
@@ -306,6 +310,11 @@ export class Agent {
       await driver.destroy(workloadId).catch(() => undefined);
       throw err;
     }
+    // Booting from the moment the lease exists, not from when the readiness
+    // watch starts after the reply went out: in between, the supervisor would
+    // otherwise report a death during boot as workload_lost instead of
+    // leaving it to the watch (boot_failed).
+    this.booting.add(workloadId);
     wlog.info({ sshPort: handle.sshPort, tier: tier.level, ms: Date.now() - started }, 'workload started');
     return this.accessDetails(lease);
   }
