@@ -31,9 +31,8 @@ afterAll(async () => {
   await Promise.all(clients.map((c) => c.close()));
   for (const a of agents) {
     if (a.proc.exitCode === null) await a.stop();
-    for (const id of existsSync(a.vmRoot) ? readdirSync(a.vmRoot) : []) {
-      for (const pid of qemuPidsMatching(`paygress-${id}`)) process.kill(pid, 'SIGKILL');
-    }
+    // Every qemu of this agent names its VM root in its argv: one /proc scan.
+    for (const pid of qemuPidsMatching(a.vmRoot)) process.kill(pid, 'SIGKILL');
   }
   await relay?.stop();
 });

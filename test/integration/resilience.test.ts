@@ -30,9 +30,8 @@ afterEach(async () => {
   // Stop every VM a test left (through its lease), then the agents and relays.
   for (const a of agents.splice(0)) {
     if (a.proc.exitCode === null) await a.stop();
-    for (const id of existsSync(a.vmRoot) ? readdirSync(a.vmRoot) : []) {
-      for (const pid of qemuPidsMatching(`paygress-${id}`)) process.kill(pid, 'SIGKILL');
-    }
+    // Every qemu of this agent names its VM root in its argv: one /proc scan.
+    for (const pid of qemuPidsMatching(a.vmRoot)) process.kill(pid, 'SIGKILL');
   }
   await Promise.all(relays.splice(0).map((r) => r.stop()));
 });
