@@ -12,7 +12,7 @@ import { ConsumerClient, type ReplyMessage } from '../../src/client/consumer.js'
 import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
-import { isFree, isListening, processRuns, until } from '../support/net.js';
+import { isFree, isListening, processRuns } from '../support/net.js';
 
 const PASSWORD = 'pa ss"wo\'rd: #with\\ünïcode';
 const PORTS = { from: 43100, to: 43119 };
