@@ -76,9 +76,9 @@ function isTimestamp(x: unknown): x is number {
 }
 
 /**
- * Validate the shape of a signed event and return a fresh plain copy. The copy
- * matters: nostr-tools caches "verified" in a symbol on the object, and an
- * object mutated after signing would otherwise still pass `verifyEvent`.
+ * Validate the shape of a signed event and return a fresh plain copy: what is
+ * verified and decrypted below is a snapshot the caller's object (which a
+ * relay handler or test may still hold and change) cannot alter midway.
  */
 function asSignedEvent(x: unknown): NostrEvent | null {
   if (typeof x !== 'object' || x === null || Array.isArray(x)) return null;
