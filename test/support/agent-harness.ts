@@ -1,0 +1,178 @@
+/**
+ * An `Agent` and its `Supervisor`, wired as src/service/service.ts wires them
+ * but in-process: the real stores on a temporary state directory, a
+ * `FakeDriver` instead of qemu, a `MemoryOutbox` instead of Nostr. Every
+ * default lives here, so an option the agent gains is added in one place.
+ *
+ * `restart()` models a crash: a new agent on the same state directory and the
+ * same driver (workloads outlive the service), the old one simply abandoned.
+ * `stop()` models a clean shutdown, in the service's order.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Agent, type AgentOptions, type Inbound } from '../../src/agent/agent.js';
+import { SenderRateLimiter, SpawnAdmission, type SpawnLimits } from '../../src/agent/admission.js';
+import { InflightJournal } from '../../src/agent/inflight.js';
+import { LeaseStore } from '../../src/agent/leases.js';
+import type { Plan } from '../../src/agent/plans.js';
+import { SeenStore } from '../../src/agent/seen.js';
+import { Supervisor, type SupervisorOptions } from '../../src/agent/supervisor.js';
+import { silentLogger, type Logger } from '../../src/util/logger.js';
+import { FakeDriver } from './fake-driver.js';
+import { MemoryOutbox, type Message } from './memory-outbox.js';
+
+export const SMALL_PLAN: Plan = { id: 'small', name: 'Small', description: 'one vCPU', vcpus: 1, memoryMb: 256, diskGb: 2, durationSeconds: 3600 };
+export const BIG_PLAN: Plan = { id: 'big', name: 'Big', description: 'four vCPUs', vcpus: 4, memoryMb: 4096, diskGb: 20, durationSeconds: 3600 };
+
+/** Roomy enough that only the limit a test lowers can refuse a spawn. */
+export const OPEN_LIMITS: SpawnLimits = {
+  maxVmsPerSender: 100,
+  maxVms: 100,
+  maxSpawnsInFlight: 100,
+  hostCapacity: { vcpus: 1000, memoryMb: 1_000_000 },
+};
+
+export const SPAWN = { type: 'spawn', root_password: 'correct horse battery staple' } as const;
+
+export interface HarnessOptions {
+  /** Reuse a state directory (what a restart does); default a fresh temporary one. */
+  stateDir?: string;
+  driver?: FakeDriver;
+  outbox?: MemoryOutbox;
+  plans?: Plan[];
+  limits?: Partial<SpawnLimits>;
+  /** Anything else the agent takes; wins over the defaults here. */
+  agent?: Partial<AgentOptions>;
+  supervisor?: Partial<Pick<SupervisorOptions, 'tickMs' | 'warnBeforeSeconds'>>;
+  logger?: Logger;
+}
+
+/** A random 64-hex key or id, as the transport would deliver. */
+export function hex32(): string {
+  return randomBytes(32).toString('hex');
+}
+
+const live = new Set<Harness>();
+const dirs = new Set<string>();
+
+export class Harness {
+  readonly stateDir: string;
+  readonly driver: FakeDriver;
+  readonly outbox: MemoryOutbox;
+  readonly leases: LeaseStore;
+  readonly seen: SeenStore;
+  readonly inflight: InflightJournal;
+  readonly admission: SpawnAdmission;
+  readonly agent: Agent;
+  readonly supervisor: Supervisor;
+  private stopped = false;
+
+  constructor(private readonly opts: HarnessOptions = {}) {
+    this.stateDir = opts.stateDir ?? mkdtempSync(join(tmpdir(), 'paygress-unit-'));
+    dirs.add(this.stateDir);
+    this.driver = opts.driver ?? new FakeDriver();
+    this.outbox = opts.outbox ?? new MemoryOutbox();
+    const logger = opts.logger ?? silentLogger;
+    this.leases = new LeaseStore(this.stateDir);
+    this.leases.load();
+    this.seen = new SeenStore(this.stateDir, 3 * 86_400);
+    this.inflight = new InflightJournal(this.stateDir);
+    this.admission = new SpawnAdmission({ ...OPEN_LIMITS, ...opts.limits }, () => this.leases.all());
+    const drivers = { [this.driver.kind]: this.driver };
+    this.agent = new Agent({
+      publicHost: '127.0.0.1',
+      tiers: [{ level: 'dedicated-host', driver: this.driver.kind }],
+      drivers,
+      plans: opts.plans ?? [SMALL_PLAN, BIG_PLAN],
+      defaultPlan: 'small',
+      maxContentBytes: 64 * 1024,
+      maxConcurrentRequests: 8,
+      readyTimeoutMs: 60_000,
+      leases: this.leases,
+      seen: this.seen,
+      inflight: this.inflight,
+      outbox: this.outbox,
+      logger,
+      rateLimiter: new SenderRateLimiter({ capacity: 1000, refillPerSecond: 1000 }),
+      admission: this.admission,
+      ...opts.agent,
+    });
+    this.supervisor = new Supervisor({
+      agent: this.agent,
+      leases: this.leases,
+      inflight: this.inflight,
+      drivers,
+      outbox: this.outbox,
+      logger,
+      tickMs: 10,
+      warnBeforeSeconds: 60,
+      ...opts.supervisor,
+    });
+    live.add(this);
+  }
+
+  /** Settle what an earlier run left, then supervise: the service's start order. */
+  async start(): Promise<this> {
+    await this.supervisor.reconcile();
+    this.supervisor.start();
+    return this;
+  }
+
+  /** Hand one message to the agent; `done` settles when the agent is through with it. */
+  deliver(sender: string, body: unknown, ids: { requestId?: string; eventId?: string } = {}): { requestId: string; done: Promise<void> } {
+    const requestId = ids.requestId ?? hex32();
+    const eventId = ids.eventId ?? hex32();
+    const msg: Inbound = {
+      dedupeIds: [eventId, requestId],
+      requestId,
+      sender,
+      channel: 'nip17',
+      content: typeof body === 'string' ? body : JSON.stringify(body),
+    };
+    return { requestId, done: this.agent.handle(msg) };
+  }
+
+  /** Deliver and return the one reply that answers it (undefined when the agent dropped it). */
+  async request(sender: string, body: unknown): Promise<Message | undefined> {
+    const { requestId, done } = this.deliver(sender, body);
+    await done;
+    return this.outbox.about(requestId)[0]?.message;
+  }
+
+  /** A spawn that must succeed; returns its access details. */
+  async spawn(sender: string, body: Record<string, unknown> = {}): Promise<Message & { workload_id: string; request_id: string }> {
+    const reply = await this.request(sender, { ...SPAWN, ...body });
+    if (reply?.type !== 'access_details') throw new Error(`spawn refused: ${JSON.stringify(reply)}`);
+    return reply as Message & { workload_id: string; request_id: string };
+  }
+
+  /** A new agent on the same state directory and driver, as after a crash of this one (which is left as it is). */
+  restart(opts: Omit<HarnessOptions, 'stateDir' | 'driver'> = {}): Harness {
+    live.delete(this);
+    // A dead process acts no more: its timer and watches end here, and work
+    // held at a gate is never released, so nothing of it reaches the disk later.
+    this.stopped = true;
+    void this.agent.drain();
+    void this.supervisor.stop();
+    return new Harness({ ...this.opts, outbox: undefined, ...opts, stateDir: this.stateDir, driver: this.driver });
+  }
+
+  /** A clean shutdown in the service's order: no new work, requests in flight finish, supervision ends. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    live.delete(this);
+    await this.agent.drain();
+    await this.supervisor.stop();
+    this.driver.close();
+  }
+}
+
+/** For `afterEach`: stop every harness still running and remove the state directories. */
+export async function closeHarnesses(): Promise<void> {
+  await Promise.all([...live].map((h) => h.stop()));
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  dirs.clear();
+}
