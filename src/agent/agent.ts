@@ -213,8 +213,8 @@ export class Agent {
     if (result.ready) {
       log.info({ workloadId, ms: result.ms }, 'workload ready');
       await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
-      const current = this.opts.leases.get(workloadId);
-      if (current) await this.opts.leases.put({ ...current, readyAt: new Date().toISOString() }).catch((err: Error) => log.error({ err: err.message }, 'could not record readiness in the lease'));
+      const readyAt = new Date().toISOString();
+      await this.opts.leases.update(workloadId, (current) => ({ ...current, readyAt })).catch((err: Error) => log.error({ err: err.message }, 'could not record readiness in the lease'));
       return;
     }
     // Shutting down is not a boot failure: the VM stays, the next run re-adopts it.

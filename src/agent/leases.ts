@@ -37,6 +37,12 @@ export type Lease = z.infer<typeof LeaseSchema>;
 export class LeaseStore {
   private readonly dir: string;
   private readonly leases = new Map<string, Lease>();
+  /**
+   * The last write of each lease still under way. Writes of one lease run in
+   * the order they were asked for: a delete asked for while a put is writing
+   * would otherwise be undone when the put's rename lands after it.
+   */
+  private readonly writing = new Map<string, Promise<void>>();
 
   constructor(stateDir: string) {
     this.dir = join(stateDir, 'leases');
@@ -59,13 +65,41 @@ export class LeaseStore {
   }
 
   /** Resolves once the lease is on disk (fsynced); only then does `get` return it. */
-  async put(lease: Lease): Promise<void> {
+  put(lease: Lease): Promise<void> {
+    return this.inOrder(lease.workloadId, () => this.write(lease));
+  }
+
+  /**
+   * Change a lease that still exists when its turn to be written comes; a
+   * no-op once it was deleted, so a late change cannot bring a stopped
+   * workload's lease back.
+   */
+  update(id: string, change: (lease: Lease) => Lease): Promise<void> {
+    return this.inOrder(id, async () => {
+      const current = this.leases.get(id);
+      if (current) await this.write(change(current));
+    });
+  }
+
+  delete(id: string): Promise<void> {
+    return this.inOrder(id, async () => {
+      await rm(join(this.dir, `${id}.json`), { force: true });
+      this.leases.delete(id);
+    });
+  }
+
+  private async write(lease: Lease): Promise<void> {
     await writeFileAtomicAsync(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
     this.leases.set(lease.workloadId, lease);
   }
 
-  async delete(id: string): Promise<void> {
-    await rm(join(this.dir, `${id}.json`), { force: true });
-    this.leases.delete(id);
+  private inOrder(id: string, step: () => Promise<void>): Promise<void> {
+    const next = (this.writing.get(id) ?? Promise.resolve()).catch(() => undefined).then(step);
+    this.writing.set(id, next);
+    const forget = (): void => {
+      if (this.writing.get(id) === next) this.writing.delete(id);
+    };
+    next.then(forget, forget);
+    return next;
   }
 }
