@@ -13,6 +13,7 @@ import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
 import { isFree, isListening, processRuns } from '../support/net.js';
+import { spawnPhasesOf, SPAWN_PHASES } from '../../bench/phases.js';
 
 const PASSWORD = 'pa ss"wo\'rd: #with\\ünïcode';
 const PORTS = { from: 43100, to: 43119 };
@@ -182,3 +183,15 @@ async function publishRaw(event: object): Promise<void> {
   const c = clients[0]!;
   await c.publishEvent(event as never);
 }
+
+describe('phase timings', () => {
+  it('logs every spawn phase under the contract bench/phases.ts reads (docs/logs.md)', async () => {
+    const c = await client();
+    const reply = await c.request({ type: 'spawn', root_password: PASSWORD }, { timeoutMs: 60_000 });
+    expect(reply.type).toBe('access_details');
+    const phases = spawnPhasesOf(agent.output(), reply.workload_id as string);
+    for (const phase of SPAWN_PHASES) expect(phases[phase], phase).toBeTypeOf('number');
+    expect(phases.driverTotal).toBeTypeOf('number');
+    await c.request({ type: 'stop', workload_id: reply.workload_id }, { timeoutMs: 30_000 });
+  });
+});
