@@ -34,6 +34,9 @@ export const OPEN_LIMITS: SpawnLimits = {
   hostCapacity: { vcpus: 1000, memoryMb: 1_000_000 },
 };
 
+/** For `vi.waitFor`: its 1 s default is too short for an fsync on a machine shared with booting guests. */
+export const WAIT = { timeout: 20_000, interval: 5 };
+
 export const SPAWN = { type: 'spawn', root_password: 'correct horse battery staple' } as const;
 
 export interface HarnessOptions {

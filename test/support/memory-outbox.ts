@@ -47,7 +47,7 @@ export class MemoryOutbox implements Outbox {
    * The first message (already sent or still to come) that matches; rejects
    * after `timeoutMs` listing what was sent, so a failure says what happened instead.
    */
-  next(match: (s: Sent) => boolean, what: string, timeoutMs = 5000): Promise<Sent> {
+  next(match: (s: Sent) => boolean, what: string, timeoutMs = 20_000): Promise<Sent> {
     const found = this.sent.find(match);
     if (found) return Promise.resolve(found);
     return new Promise<Sent>((resolve, reject) => {

@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { DriverError } from '../../src/drivers/types.js';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { closeHarnesses, Harness, hex32, SPAWN } from '../support/agent-harness.js';
+import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
 import { FakeDriver } from '../support/fake-driver.js';
 import { Gate } from '../support/gate.js';
 
@@ -75,7 +75,7 @@ describe('admission', () => {
     const h = await new Harness({ limits: { maxSpawnsInFlight: 1 } }).start();
     const gate = (h.driver.createGate = new Gate());
     const slow = h.deliver(hex32(), SPAWN);
-    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(1));
+    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(1), WAIT);
     expect(await h.request(hex32(), SPAWN)).toMatchObject({ type: 'error', code: 'busy' });
     h.driver.createGate = undefined;
     gate.release();

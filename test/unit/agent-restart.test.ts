@@ -6,7 +6,7 @@
  * agent abandoned where it stood.
  */
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { closeHarnesses, Harness, hex32, SPAWN } from '../support/agent-harness.js';
+import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
 import { Gate } from '../support/gate.js';
 
 afterEach(closeHarnesses);
@@ -17,7 +17,7 @@ describe('spawn journal', () => {
     const sender = hex32();
     h.driver.createGate = new Gate(); // never released: the process dies inside create
     const spawn = h.deliver(sender, SPAWN);
-    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(1));
+    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(1), WAIT);
     const workloadId = h.driver.createCalls[0]!.id;
     expect(h.inflight.leftovers().map((e) => e.requestId)).toEqual([spawn.requestId]);
 
@@ -38,7 +38,7 @@ describe('spawn journal', () => {
     h.driver.boot = 'manual';
     h.outbox.gate = new Gate(); // the reply never reaches a relay before the crash
     const spawn = h.deliver(sender, SPAWN);
-    await vi.waitFor(() => expect(h.leases.all()).toHaveLength(1));
+    await vi.waitFor(() => expect(h.leases.all()).toHaveLength(1), WAIT);
     const lease = h.leases.all()[0]!;
 
     const after = await h.restart().start();
@@ -59,7 +59,7 @@ describe('reconciliation', () => {
     const h = await new Harness().start();
     const owner = hex32();
     const ready = await h.spawn(owner);
-    await vi.waitFor(() => expect(h.leases.get(ready.workload_id)?.readyAt).toBeDefined());
+    await vi.waitFor(() => expect(h.leases.get(ready.workload_id)?.readyAt).toBeDefined(), WAIT);
     h.driver.boot = 'manual';
     const booting = await h.spawn(owner);
     const dies = await h.spawn(owner);

@@ -7,7 +7,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { closeHarnesses, Harness, hex32, SPAWN } from '../support/agent-harness.js';
+import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
 import { Gate } from '../support/gate.js';
 
 afterEach(async () => {
@@ -25,7 +25,7 @@ describe('boot', () => {
     const ready = await h.outbox.next((s) => s.message.type === 'ready', 'ready');
     expect(ready.route.replyTo).toBe(request_id);
     expect(ready.message.workload_id).toBe(workload_id);
-    await vi.waitFor(() => expect(h.leases.get(workload_id)?.readyAt).toBeDefined());
+    await vi.waitFor(() => expect(h.leases.get(workload_id)?.readyAt).toBeDefined(), WAIT);
     expect(h.agent.isBooting(workload_id)).toBe(false);
   });
 
@@ -49,7 +49,7 @@ describe('boot', () => {
     h.driver.boot = 'manual';
     const gate = (h.outbox.gate = new Gate());
     const spawn = h.deliver(hex32(), SPAWN);
-    await vi.waitFor(() => expect(h.leases.all()).toHaveLength(1));
+    await vi.waitFor(() => expect(h.leases.all()).toHaveLength(1), WAIT);
     const workloadId = h.leases.all()[0]!.workloadId;
     h.driver.kill(workloadId);
     // The supervisor looks while the reply is still on its way.
@@ -67,7 +67,7 @@ describe('boot', () => {
     const owner = hex32();
     const { workload_id, request_id } = await h.spawn(owner);
     await h.outbox.next((s) => s.message.type === 'ready', 'ready');
-    await vi.waitFor(() => expect(h.agent.isBooting(workload_id)).toBe(false));
+    await vi.waitFor(() => expect(h.agent.isBooting(workload_id)).toBe(false), WAIT);
     h.driver.kill(workload_id);
     const lost = await h.outbox.next((s) => s.message.type === 'workload_lost', 'workload_lost');
     expect(lost.route).toMatchObject({ to: owner, replyTo: request_id });
@@ -109,7 +109,7 @@ describe('stop', () => {
     const gate = (h.driver.destroyGate = new Gate());
     const first = h.deliver(owner, { type: 'stop', workload_id });
     const second = h.deliver(owner, { type: 'stop', workload_id });
-    await vi.waitFor(() => expect(h.driver.destroyCalls).toHaveLength(1));
+    await vi.waitFor(() => expect(h.driver.destroyCalls).toHaveLength(1), WAIT);
     // A guest slow to stop is not lost: no notice while its stop runs.
     h.driver.kill(workload_id);
     await someTicks();
@@ -171,7 +171,7 @@ describe('shutdown', () => {
     const booting = await h.spawn(hex32());
     const gate = (h.driver.createGate = new Gate());
     const inFlight = h.deliver(hex32(), SPAWN);
-    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(2));
+    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(2), WAIT);
 
     const stopped = h.stop();
     const late = h.deliver(hex32(), SPAWN);
