@@ -58,7 +58,9 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const leases = new LeaseStore(cfg.stateDir);
   const loaded = leases.load();
   if (loaded.broken.length) logger.warn({ files: loaded.broken }, 'unreadable lease files left in place');
-  const seen = new SeenStore(cfg.stateDir, SEEN_RETENTION_SECONDS);
+  const seen = new SeenStore(cfg.stateDir, SEEN_RETENTION_SECONDS, {
+    onWriteError: (what, err) => logger.warn({ part: 'seen', what, code: err.code, err: err.message }, 'seen-id log not written; requests wait until it can be'),
+  });
   const inflight = new InflightJournal(cfg.stateDir);
 
   const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
