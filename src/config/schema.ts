@@ -123,6 +123,13 @@ export const ConfigSchema = z
         hostCapacity: z
           .object({ vcpus: z.number().int().min(1).optional(), memoryMb: z.number().int().min(64).optional() })
           .optional(),
+        /**
+         * Disk kept free under the VM root (GB). Every overlay may grow to its
+         * plan's diskGb: a spawn is admitted only if what live workloads may
+         * still write, plus its own diskGb, plus this reserve fits in the free
+         * space (`capacity_exhausted` otherwise).
+         */
+        diskReserveGb: z.number().min(0).default(2),
       })
       // prefault: a missing section is parsed as {}, so each field's own default applies (one place per value).
       .prefault({}),

@@ -41,6 +41,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const pubkey = pubkeyOf(sk);
 
   const drivers: Record<string, ComputeDriver> = {};
+  let kvmDriver: KvmDriver | undefined;
   const kvm = cfg.drivers.kvm;
   if (kvm) {
     // Missing base image + configured URL → download and verify now, before any spawn needs it.
@@ -52,7 +53,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
       qemuImgBinary: kvm.qemuImgBinary,
       logger: logger.child({ part: 'base-image' }),
     });
-    drivers.kvm = new KvmDriver(kvm, logger.child({ driver: 'kvm' }));
+    drivers.kvm = kvmDriver = new KvmDriver(kvm, logger.child({ driver: 'kvm' }));
   }
 
   const leases = new LeaseStore(cfg.stateDir);
@@ -90,6 +91,10 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
         hostCapacity,
       },
       () => leases.all(),
+      kvmDriver && {
+        reserveGb: cfg.limits.diskReserveGb,
+        read: (live) => kvmDriver.diskReading(live.flatMap((h) => (h.workloadId ? [h.workloadId] : []))),
+      },
     ),
   });
   const supervisor = new Supervisor({

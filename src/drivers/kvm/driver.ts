@@ -6,6 +6,7 @@
  * takes is released if a later step fails.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
+import { statfsSync, statSync } from 'node:fs';
 import { chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
@@ -458,6 +459,35 @@ export class KvmDriver implements ComputeDriver {
     const running = pid !== undefined && (await isVmProcess(pid, name));
     if (running) return { id, state: 'running', pid, sshPort: meta?.sshPort };
     return meta ? { id, state: 'gone', sshPort: meta.sshPort } : { id, state: 'gone' };
+  }
+
+  /**
+   * Free bytes under the VM root and what the given workloads' overlays
+   * already take on it. Synchronous (statfs + one stat per workload): admission
+   * decides in one turn of the event loop. Throws if the VM root's disk cannot be read.
+   */
+  diskReading(ids: readonly string[]): { freeBytes: number; allocatedBytes: number } {
+    let dir = this.config.vmRoot;
+    // The VM root may not exist yet: its nearest existing ancestor is on the same disk.
+    for (;;) {
+      try {
+        const st = statfsSync(dir);
+        let allocatedBytes = 0;
+        for (const id of ids) {
+          if (!ID_RE.test(id)) continue;
+          try {
+            allocatedBytes += statSync(vmFile(this.workloadDir(id), 'disk')).blocks * 512;
+          } catch {
+            // no overlay (yet, or any more): it takes nothing
+          }
+        }
+        return { freeBytes: st.bavail * st.bsize, allocatedBytes };
+      } catch (err) {
+        const parent = path.dirname(dir);
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || parent === dir) throw err;
+        dir = parent;
+      }
+    }
   }
 
   async list(): Promise<string[]> {
