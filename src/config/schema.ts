@@ -70,6 +70,8 @@ export const KvmConfigSchema = z.object({
    * spawn, sshd) under contention, and stay equal among themselves. 0 = off.
    */
   guestNice: z.number().int().min(0).max(19).default(10),
+  /** Most bytes of a guest's console kept in its serial.log (boot_failed shows its tail); the rest is dropped oldest first. */
+  consoleLogBytes: z.number().int().min(4096).max(64 * 1024 * 1024).default(262_144),
   portRange: z
     .object({ from: z.number().int().min(1024).max(65535), to: z.number().int().min(1024).max(65535) })
     .refine((r) => r.from <= r.to, 'from must be <= to')
