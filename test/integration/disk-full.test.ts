@@ -9,12 +9,13 @@
  *  - space back: every held request is answered exactly once, also across a
  *    further restart.
  */
-import { appendFileSync, existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { generateSecretKey } from 'nostr-tools';
 import { ConsumerClient, type ReplyMessage } from '../../src/client/consumer.js';
+import { checkDiskSpace, checkWritableDir } from '../../src/doctor/checks.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
 import { qemuPidsMatching, until } from '../support/net.js';
 import { startRelay, type LocalRelay } from '../support/relay.js';
@@ -131,5 +132,30 @@ describe('full disks', () => {
     await sleep(5000);
     expect(repliesTo(spawn).filter((r) => r.type === 'access_details')).toHaveLength(1);
     expect(repliesTo(status)).toHaveLength(1);
+  });
+});
+
+describe('doctor on full disks', () => {
+  it('a state dir that takes no new file is a warning (the agent must start), and plans that do not fit are named', async () => {
+    // No inode left: even mkdir fails with ENOSPC, as on a full ext4.
+    const fs = mountTmpfs(1024, { inodes: 8 });
+    try {
+      for (let i = 0; ; i++) {
+        try {
+          writeFileSync(join(fs.dir, `f${i}`), '');
+        } catch {
+          break;
+        }
+      }
+      const row = await checkWritableDir('state dir', 'stateDir', fs.dir);
+      expect(row).toMatchObject({ status: 'warn' });
+      expect(row.detail).toContain('ENOSPC');
+      const disk = await checkDiskSpace(fs.dir, 0, [{ id: 'tiny', diskGb: 1 }]);
+      expect(disk).toMatchObject({ status: 'warn' });
+      expect(disk.detail).toContain('tiny (1 GB)');
+      expect(disk.detail).toContain('limits.diskReserveGb');
+    } finally {
+      fs.unmount();
+    }
   });
 });

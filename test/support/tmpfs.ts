@@ -18,9 +18,9 @@ export interface Tmpfs {
   unmount(): void;
 }
 
-export function mountTmpfs(sizeKb: number): Tmpfs {
+export function mountTmpfs(sizeKb: number, opts: { inodes?: number } = {}): Tmpfs {
   const dir = mkdtempSync(join(tmpdir(), 'pga-tmpfs-'));
-  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${sizeKb}k,mode=0700`, 'tmpfs', dir]);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${sizeKb}k,mode=0700${opts.inodes ? `,nr_inodes=${opts.inodes}` : ''}`, 'tmpfs', dir]);
   const filler = join(dir, '.filler');
   const freeBytes = () => {
     const s = statfsSync(dir);
