@@ -6,13 +6,16 @@
  *   buckets is bounded (least recently used sender evicted first), so a flood
  *   of fresh keys cannot grow memory without bound.
  * - `SpawnAdmission`: per-sender and global caps on live workloads, a bound on
- *   spawns in flight, and committed vCPU/RAM against the host's capacity.
+ *   spawns in flight, committed vCPU/RAM against the host's capacity, and
+ *   disk: every overlay may grow to its plan's `diskGb`, so what live
+ *   workloads may still write plus the new one's `diskGb` must fit in the free
+ *   space under the VM root minus a reserve kept for the host and the agent.
  *   A spawn reserves its share before the driver is called and releases it
  *   when it fails or once its lease exists (then the lease counts), so two
  *   concurrent spawns cannot both squeeze into the last slot.
  *
  * The decisions themselves (`refillBucket`, `checkSpawn`) are pure functions;
- * the classes only hold state and a clock.
+ * the classes only hold state and a clock; the free-space reading is passed in.
  */
 import { cpus, totalmem } from 'node:os';
 import { RequestError } from '../protocol/errors.js';
@@ -147,11 +150,37 @@ export interface Usage {
   inFlight: number;
   vcpus: number;
   memoryMb: number;
+  /** Disk promised to live workloads and spawns in flight (their plans' `diskGb`). */
+  diskGb?: number;
 }
 
 export interface Want {
   vcpus: number;
   memoryMb: number;
+  diskGb?: number;
+}
+
+/** What the disk under the VM root says now (read at the edge, e.g. statfs + the overlays' allocated blocks). */
+export interface DiskReading {
+  /** Bytes free for the agent's user. */
+  freeBytes: number;
+  /** Bytes the live workloads' overlays already take (part of what they were promised). */
+  allocatedBytes: number;
+}
+
+export const GIB = 1024 ** 3;
+
+/**
+ * Room on disk for `wantGb` more, or the refusal. Pure. Live workloads may
+ * still grow by what they were promised minus what they already took; that,
+ * the new workload's size and the reserve must all fit in the free space.
+ */
+export function checkDisk(committedGb: number, wantGb: number, disk: DiskReading, reserveGb: number): RequestError | null {
+  const stillToGrow = Math.max(0, committedGb * GIB - disk.allocatedBytes);
+  if (stillToGrow + wantGb * GIB + reserveGb * GIB > disk.freeBytes) {
+    return new RequestError('capacity_exhausted', `this host has no room for ${wantGb} GB more disk right now`);
+  }
+  return null;
 }
 
 /**
@@ -159,7 +188,7 @@ export interface Want {
  * own quota first (only they can fix it), then the host's room (nothing to
  * retry soon), then spawns in flight (transient: retry shortly).
  */
-export function checkSpawn(usage: Usage, want: Want, limits: SpawnLimits): RequestError | null {
+export function checkSpawn(usage: Usage, want: Want, limits: SpawnLimits, disk?: { reading: DiskReading; reserveGb: number }): RequestError | null {
   if (usage.senderVms >= limits.maxVmsPerSender) {
     return new RequestError('quota_exceeded', `this key may hold at most ${limits.maxVmsPerSender} live workload(s); stop one first`);
   }
@@ -172,6 +201,10 @@ export function checkSpawn(usage: Usage, want: Want, limits: SpawnLimits): Reque
   if (usage.memoryMb + want.memoryMb > limits.hostCapacity.memoryMb) {
     return new RequestError('capacity_exhausted', `this host has no room for ${want.memoryMb} MB more memory right now`);
   }
+  if (disk && want.diskGb !== undefined) {
+    const refusal = checkDisk(usage.diskGb ?? 0, want.diskGb, disk.reading, disk.reserveGb);
+    if (refusal) return refusal;
+  }
   if (usage.inFlight >= limits.maxSpawnsInFlight) {
     return new RequestError('busy', 'too many workloads are starting right now; retry in a few seconds');
   }
@@ -180,9 +213,19 @@ export function checkSpawn(usage: Usage, want: Want, limits: SpawnLimits): Reque
 
 /** What a live workload holds; leases satisfy it. */
 export interface Holding {
+  /** Set for live workloads (leases), not for reservations in flight. */
+  workloadId?: string;
   owner: string;
   vcpus: number;
   memoryMb: number;
+  diskGb?: number;
+}
+
+export interface DiskAdmission {
+  /** Kept free under the VM root for the host, the agent's state and logs. */
+  reserveGb: number;
+  /** Read the disk now, given the live workloads (synchronous: admission decides in one turn). Throws if it cannot. */
+  read(live: readonly Holding[]): DiskReading;
 }
 
 export interface Reservation {
@@ -197,14 +240,16 @@ export class SpawnAdmission {
   constructor(
     private readonly limits: SpawnLimits,
     private readonly live: () => Iterable<Holding>,
+    private readonly disk?: DiskAdmission,
   ) {}
 
   usage(sender: string): Usage {
-    const u: Usage = { senderVms: 0, vms: 0, inFlight: this.reserved.size, vcpus: 0, memoryMb: 0 };
+    const u: Usage = { senderVms: 0, vms: 0, inFlight: this.reserved.size, vcpus: 0, memoryMb: 0, diskGb: 0 };
     for (const h of [...this.live(), ...this.reserved]) {
       u.vms++;
       u.vcpus += h.vcpus;
       u.memoryMb += h.memoryMb;
+      u.diskGb! += h.diskGb ?? 0;
       if (h.owner === sender) u.senderVms++;
     }
     return u;
@@ -216,9 +261,18 @@ export class SpawnAdmission {
    * loop, so no other spawn can slip in between.
    */
   reserve(sender: string, want: Want): Reservation {
-    const refusal = checkSpawn(this.usage(sender), want, this.limits);
+    let disk: { reading: DiskReading; reserveGb: number } | undefined;
+    if (this.disk && want.diskGb !== undefined) {
+      try {
+        disk = { reading: this.disk.read([...this.live()]), reserveGb: this.disk.reserveGb };
+      } catch {
+        // The VM root cannot even be read: no promise can be kept on it.
+        throw new RequestError('capacity_exhausted', 'this host cannot check its disk space right now');
+      }
+    }
+    const refusal = checkSpawn(this.usage(sender), want, this.limits, disk);
     if (refusal) throw refusal;
-    const hold: Holding = { owner: sender, vcpus: want.vcpus, memoryMb: want.memoryMb };
+    const hold: Holding = { owner: sender, vcpus: want.vcpus, memoryMb: want.memoryMb, diskGb: want.diskGb };
     this.reserved.add(hold);
     return { release: () => void this.reserved.delete(hold) };
   }

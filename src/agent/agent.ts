@@ -5,6 +5,7 @@
  * `ComputeDriver`).
  */
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { ComputeDriver } from '../drivers/types.js';
 import { DriverError } from '../drivers/types.js';
 import { RequestError } from '../protocol/errors.js';
@@ -106,12 +107,33 @@ export class Agent {
       // Claimed only when work starts: a message still queued when the agent
       // stops stays unclaimed and is read again from the relays after restart.
       if (!this.accepting) return;
-      if (!this.opts.seen.claim(msg.dedupeIds)) return; // the same request from another relay got here first
+      if (!(await this.claimDurably(msg))) return; // the same request from another relay got here first
       // Every line this request causes, in any module, carries its requestId.
       await withLogContext({ requestId: msg.requestId }, () => this.process(msg));
     });
     this.track(job);
     return job;
+  }
+
+  /**
+   * Take the request's ids for good before it runs (at-most-once, also across
+   * power loss). While the seen-log cannot be written (full disk) the request
+   * is held here, unanswered, and the claim retried with backoff: answering it
+   * with an error without a durable claim would answer it again after a
+   * restart. Shutdown releases it unclaimed; the next start reads it again.
+   */
+  private async claimDurably(msg: Inbound): Promise<boolean> {
+    for (let delay = 1000; ; delay = Math.min(delay * 2, 30_000)) {
+      const claim = this.opts.seen.tryClaim(msg.dedupeIds);
+      if (claim === 'duplicate') return false;
+      if (claim === 'claimed') {
+        await this.opts.seen.synced();
+        return true;
+      }
+      this.log.warn({ requestId: msg.requestId, retryInMs: delay }, 'request held: its claim cannot be recorded (disk full?); retrying');
+      const slept = await sleep(delay, undefined, { signal: this.shutdown.signal }).then(() => true, () => false);
+      if (!slept || !this.accepting) return false;
+    }
   }
 
   private refuseRate(msg: Inbound, decision: 'limited' | 'drop'): Promise<void> {

@@ -70,6 +70,8 @@ export const KvmConfigSchema = z.object({
    * spawn, sshd) under contention, and stay equal among themselves. 0 = off.
    */
   guestNice: z.number().int().min(0).max(19).default(10),
+  /** Most bytes of a guest's console kept in its serial.log (boot_failed shows its tail); the rest is dropped oldest first. */
+  consoleLogBytes: z.number().int().min(4096).max(64 * 1024 * 1024).default(262_144),
   portRange: z
     .object({ from: z.number().int().min(1024).max(65535), to: z.number().int().min(1024).max(65535) })
     .refine((r) => r.from <= r.to, 'from must be <= to')
@@ -123,6 +125,13 @@ export const ConfigSchema = z
         hostCapacity: z
           .object({ vcpus: z.number().int().min(1).optional(), memoryMb: z.number().int().min(64).optional() })
           .optional(),
+        /**
+         * Disk kept free under the VM root (GB). Every overlay may grow to its
+         * plan's diskGb: a spawn is admitted only if what live workloads may
+         * still write, plus its own diskGb, plus this reserve fits in the free
+         * space (`capacity_exhausted` otherwise).
+         */
+        diskReserveGb: z.number().min(0).default(2),
       })
       // prefault: a missing section is parsed as {}, so each field's own default applies (one place per value).
       .prefault({}),

@@ -5,7 +5,7 @@
  * Nothing here changes the host, except short-lived temp files.
  */
 import { constants } from 'node:fs';
-import { access, mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { access, mkdtemp, readdir, readFile, rm, stat, statfs } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execa } from 'execa';
@@ -222,6 +222,15 @@ export async function checkWritableDir(label: string, field: string, dir: string
     await rm(tmp, { recursive: true, force: true });
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+    if (code === 'ENOSPC' || code === 'EDQUOT') {
+      // Full is not misconfigured: the agent starts, keeps its leases, and serves again when space returns.
+      return {
+        name: label,
+        status: 'warn',
+        detail: `${probe === dir ? dir : `${probe} (parent of ${dir})`} is full (${code}): requests wait or are refused until space returns`,
+        fix: `free space on the disk holding ${dir}`,
+      };
+    }
     return {
       name: label,
       status: 'fail',
@@ -230,6 +239,50 @@ export async function checkWritableDir(label: string, field: string, dir: string
     };
   }
   return { name: label, status: 'ok', detail: probe === dir ? `${dir} writable` : `${dir} will be created in ${probe} (writable)` };
+}
+
+// ------------------------------------------------------------------ disk space
+
+/** Bytes free for the agent's user on the disk holding `dir` (or its nearest existing ancestor). */
+export async function freeBytesUnder(dir: string): Promise<number> {
+  let probe = dir;
+  for (;;) {
+    try {
+      const st = await statfs(probe);
+      return st.bavail * st.bsize;
+    } catch (err) {
+      const parent = path.dirname(probe);
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || parent === probe) throw err;
+      probe = parent;
+    }
+  }
+}
+
+/**
+ * Free space under the VM root against the reserve and the plans. Never a
+ * blocker: a full disk must not keep the agent from starting (it still has
+ * leases to expire); spawns are then answered `capacity_exhausted`.
+ */
+export async function checkDiskSpace(vmRoot: string, reserveGb: number, plans: ReadonlyArray<{ id: string; diskGb: number }>): Promise<CheckResult> {
+  const name = 'disk space';
+  let free: number;
+  try {
+    free = await freeBytesUnder(vmRoot);
+  } catch (err) {
+    return { name, status: 'warn', detail: `cannot read free space under ${vmRoot}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, fix: 'check drivers.kvm.vmRoot' };
+  }
+  const gb = (b: number) => `${(b / 1024 ** 3).toFixed(1)} GB`;
+  const room = free - reserveGb * 1024 ** 3;
+  const fitting = plans.filter((p) => p.diskGb * 1024 ** 3 <= room);
+  const detail = `${gb(free)} free under ${vmRoot}, ${reserveGb} GB kept in reserve (limits.diskReserveGb): room for ${gb(Math.max(0, room))} of overlays`;
+  if (fitting.length === plans.length) return { name, status: 'ok', detail };
+  const missing = plans.filter((p) => !fitting.includes(p)).map((p) => `${p.id} (${p.diskGb} GB)`).join(', ');
+  return {
+    name,
+    status: 'warn',
+    detail: `${detail}; not even one workload of ${missing} fits: such spawns are answered capacity_exhausted`,
+    fix: 'free space under drivers.kvm.vmRoot, lower limits.diskReserveGb, or offer smaller plans',
+  };
 }
 
 // ------------------------------------------------------------------ ports

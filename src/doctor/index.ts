@@ -3,7 +3,7 @@
  * the checks for a loaded config, in a fixed order, and returns the rows.
  */
 import type { Config } from '../config/schema.js';
-import { checkAccel, checkBaseImage, checkKeyFile, checkPorts, checkPublicHost, checkRelays, checkTools, checkWritableDir } from './checks.js';
+import { checkAccel, checkBaseImage, checkDiskSpace, checkKeyFile, checkPorts, checkPublicHost, checkRelays, checkTools, checkWritableDir } from './checks.js';
 import type { CheckResult } from './report.js';
 
 export { hasBlocker, renderTable, type CheckResult, type CheckStatus } from './report.js';
@@ -32,6 +32,7 @@ export async function runChecks(cfg: Config, opts: DoctorOptions): Promise<Check
   if (kvm) {
     rows.push(await checkWritableDir('vm dir', 'drivers.kvm.vmRoot', kvm.vmRoot));
     rows.push(await checkWritableDir('overlay cache', 'drivers.kvm.overlayTemplateDir', kvm.overlayTemplateDir));
+    rows.push(await checkDiskSpace(kvm.vmRoot, cfg.limits.diskReserveGb, cfg.plans));
     rows.push(await checkPorts(kvm));
   }
   rows.push(checkPublicHost(cfg.provider.publicHost, kvm?.bindAddress));

@@ -3,6 +3,12 @@
  * not dropped: it is spooled to disk and retried with backoff until its
  * deadline, across agent restarts, so a relay outage (or a crash during one)
  * delays replies instead of losing them.
+ *
+ * The spool is bounded (messages and bytes): a long outage under a flood must
+ * not fill the disk. Beyond the bound the oldest waiting message is dropped
+ * first (its consumer has waited longest and most likely gave up), with an
+ * error line naming it. A spool file that cannot be written (full disk) does
+ * not lose the message: it is retried from memory, within the same bound.
  */
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
@@ -22,7 +28,14 @@ export interface NostrOutboxOptions {
   spoolDir?: string;
   /** How long a message keeps being retried after it was first sent. Default 30 minutes. */
   retryForMs?: number;
+  /** Most messages waiting for a relay's OK (spooled or held in memory). Default 1000. */
+  maxWaiting?: number;
+  /** Most bytes of waiting messages (their JSON). Default 8 MiB. */
+  maxWaitingBytes?: number;
 }
+
+export const DEFAULT_MAX_WAITING = 1000;
+export const DEFAULT_MAX_WAITING_BYTES = 8 * 1024 * 1024;
 
 /** A message on its way. Holds no secrets: replies never carry passwords or keys. */
 interface Pending {
@@ -33,8 +46,20 @@ interface Pending {
   deadline: number;
 }
 
+/** A waiting message's place in the bound, and its retry timer. */
+interface Waiting {
+  pending: Pending;
+  bytes: number;
+  spooled: boolean;
+  timer?: NodeJS.Timeout;
+}
+
 export class NostrOutbox implements Outbox {
-  private readonly retries = new Set<NodeJS.Timeout>();
+  /** Insertion order = age order: the first entry is the oldest waiting message. */
+  private readonly waiting = new Map<string, Waiting>();
+  private waitingBytes = 0;
+  /** Messages no longer waiting (sent, expired or dropped): an attempt still running for one stops. */
+  private readonly released = new WeakSet<Pending>();
   private closed = false;
 
   constructor(private readonly opts: NostrOutboxOptions) {
@@ -47,7 +72,7 @@ export class NostrOutbox implements Outbox {
    */
   async send(route: Route, message: Record<string, unknown>): Promise<void> {
     const pending: Pending = { id: randomUUID(), route, message, deadline: Date.now() + (this.opts.retryForMs ?? 30 * 60_000) };
-    await this.attempt(pending, 0, false);
+    await this.attempt(pending, 0);
   }
 
   /** Retry what an earlier run spooled and could not deliver. Call once the pool is started. */
@@ -58,6 +83,7 @@ export class NostrOutbox implements Outbox {
     const { records, broken } = readJsonRecords(dir, (json) => json as Pending);
     // A torn write cannot happen (atomic), so what does not parse is foreign junk.
     for (const file of broken) rmSync(file, { force: true });
+    records.sort((a, b) => a.deadline - b.deadline);
     for (const pending of records) {
       if (Date.now() > pending.deadline) {
         this.opts.logger.error({ to: pending.route.to, replyTo: pending.route.replyTo }, 'spooled message past its deadline dropped');
@@ -65,45 +91,92 @@ export class NostrOutbox implements Outbox {
         continue;
       }
       resumed++;
-      this.attempt(pending, 0, true).catch(() => undefined);
+      this.hold({ pending, bytes: JSON.stringify(pending).length, spooled: true });
+      this.attempt(pending, 0).catch(() => undefined);
     }
     if (resumed) this.opts.logger.info({ resumed }, 'resending messages no relay had accepted before the restart');
     return resumed;
   }
 
-  private async attempt(p: Pending, n: number, spooled: boolean): Promise<void> {
+  private async attempt(p: Pending, n: number): Promise<void> {
     const { route } = p;
     const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
     // A fresh seal per attempt: same content, new event; the consumer matches on request_id.
     const event = sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo });
     try {
       const res = await this.opts.pool.publish(event);
-      if (spooled) this.unspool(p);
+      this.release(p.id);
       this.opts.logger.debug({ to: route.to, replyTo: route.replyTo, accepted: res.accepted.length }, 'message published');
       return;
     } catch (err) {
       const delay = Math.min(30_000, 1000 * 2 ** n);
+      if (this.released.has(p)) return; // dropped meanwhile to keep the bound
       if (Date.now() + delay > p.deadline) {
         this.opts.logger.error({ to: route.to, replyTo: route.replyTo }, 'message dropped: no relay accepted it before its deadline');
-        if (spooled) this.unspool(p);
+        this.release(p.id);
         throw err;
       }
-      if (!spooled && this.opts.spoolDir) {
-        writeFileAtomic(this.spoolFile(p), JSON.stringify(p));
-        spooled = true;
+      let w = this.waiting.get(p.id);
+      if (!w) {
+        w = { pending: p, bytes: JSON.stringify(p).length, spooled: false };
+        this.hold(w);
+      }
+      if (!w.spooled && this.opts.spoolDir) {
+        try {
+          writeFileAtomic(this.spoolFile(p), JSON.stringify(p));
+          w.spooled = true;
+        } catch (writeErr) {
+          this.opts.logger.warn(
+            { to: route.to, replyTo: route.replyTo, code: (writeErr as NodeJS.ErrnoException).code },
+            'message could not be spooled to disk; retrying it from memory',
+          );
+        }
       }
       if (this.closed) {
         // Shutting down: the spool file carries it into the next run.
-        if (!spooled) throw err;
+        if (!w.spooled) throw err;
         return;
       }
+      if (this.released.has(p)) return; // holding it pushed itself out (bound of one)
       this.opts.logger.warn({ to: route.to, replyTo: route.replyTo, retryInMs: delay }, 'no relay accepted the message; will retry');
-      const timer = setTimeout(() => {
-        this.retries.delete(timer);
-        this.attempt(p, n + 1, spooled).catch(() => undefined);
+      w.timer = setTimeout(() => {
+        w.timer = undefined;
+        this.attempt(p, n + 1).catch(() => undefined);
       }, delay);
-      this.retries.add(timer);
     }
+  }
+
+  /** Count a message as waiting; drop the oldest ones while the bound is exceeded. */
+  private hold(w: Waiting): void {
+    this.waiting.set(w.pending.id, w);
+    this.waitingBytes += w.bytes;
+    const maxCount = this.opts.maxWaiting ?? DEFAULT_MAX_WAITING;
+    const maxBytes = this.opts.maxWaitingBytes ?? DEFAULT_MAX_WAITING_BYTES;
+    while (this.waiting.size > maxCount || this.waitingBytes > maxBytes) {
+      const oldest = this.waiting.values().next().value as Waiting;
+      const { route } = oldest.pending;
+      this.opts.logger.error(
+        { to: route.to, replyTo: route.replyTo, waiting: this.waiting.size, waitingBytes: this.waitingBytes },
+        'outbox full: oldest waiting message dropped',
+      );
+      this.release(oldest.pending.id);
+    }
+  }
+
+  /** Forget a waiting message: its timer, its spool file, its share of the bound. */
+  private release(id: string): void {
+    const w = this.waiting.get(id);
+    if (!w) return;
+    this.waiting.delete(id);
+    this.released.add(w.pending);
+    this.waitingBytes -= w.bytes;
+    clearTimeout(w.timer);
+    if (w.spooled) this.unspool(w.pending);
+  }
+
+  /** Messages waiting for a relay's OK now. */
+  get waitingCount(): number {
+    return this.waiting.size;
   }
 
   private spoolFile(p: Pending): string {
@@ -116,7 +189,6 @@ export class NostrOutbox implements Outbox {
 
   close(): void {
     this.closed = true;
-    for (const t of this.retries) clearTimeout(t);
-    this.retries.clear();
+    for (const w of this.waiting.values()) clearTimeout(w.timer);
   }
 }

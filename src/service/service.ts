@@ -41,6 +41,7 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const pubkey = pubkeyOf(sk);
 
   const drivers: Record<string, ComputeDriver> = {};
+  let kvmDriver: KvmDriver | undefined;
   const kvm = cfg.drivers.kvm;
   if (kvm) {
     // Missing base image + configured URL → download and verify now, before any spawn needs it.
@@ -52,13 +53,15 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
       qemuImgBinary: kvm.qemuImgBinary,
       logger: logger.child({ part: 'base-image' }),
     });
-    drivers.kvm = new KvmDriver(kvm, logger.child({ driver: 'kvm' }));
+    drivers.kvm = kvmDriver = new KvmDriver(kvm, logger.child({ driver: 'kvm' }));
   }
 
   const leases = new LeaseStore(cfg.stateDir);
   const loaded = leases.load();
   if (loaded.broken.length) logger.warn({ files: loaded.broken }, 'unreadable lease files left in place');
-  const seen = new SeenStore(cfg.stateDir, SEEN_RETENTION_SECONDS);
+  const seen = new SeenStore(cfg.stateDir, SEEN_RETENTION_SECONDS, {
+    onWriteError: (what, err) => logger.warn({ part: 'seen', what, code: err.code, err: err.message }, 'seen-id log not written; requests wait until it can be'),
+  });
   const inflight = new InflightJournal(cfg.stateDir);
 
   const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
@@ -88,6 +91,10 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
         hostCapacity,
       },
       () => leases.all(),
+      kvmDriver && {
+        reserveGb: cfg.limits.diskReserveGb,
+        read: (live) => kvmDriver.diskReading(live.flatMap((h) => (h.workloadId ? [h.workloadId] : []))),
+      },
     ),
   });
   const supervisor = new Supervisor({

@@ -44,13 +44,34 @@ export function writeFileAtomic(path: string, data: string, mode = 0o600): void 
   const tmp = tempPathFor(path);
   const fd = openSync(tmp, 'wx', mode);
   try {
-    writeSync(fd, data);
+    writeAllSync(fd, Buffer.from(data, 'utf8'));
     fsyncSync(fd);
-  } finally {
+  } catch (err) {
     closeSync(fd);
+    rmSync(tmp, { force: true });
+    throw err;
   }
+  closeSync(fd);
   renameSync(tmp, path);
-  const dirFd = openSync(dirname(path), 'r');
+  fsyncDirSync(dirname(path));
+}
+
+/**
+ * write(2) may write less than asked (a file-size limit, a nearly full disk, a
+ * signal): loop until every byte is written or a write fails. The next write
+ * after a short one reports why (EFBIG, ENOSPC).
+ */
+export function writeAllSync(fd: number, buf: Buffer): void {
+  let off = 0;
+  while (off < buf.length) {
+    const n = writeSync(fd, buf, off, buf.length - off);
+    if (n <= 0) throw Object.assign(new Error('write made no progress'), { code: 'EIO' });
+    off += n;
+  }
+}
+
+export function fsyncDirSync(dir: string): void {
+  const dirFd = openSync(dir, 'r');
   try {
     fsyncSync(dirFd);
   } finally {

@@ -13,7 +13,7 @@
  */
 import { createServer, type Server } from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -80,20 +80,13 @@ async function run(mode: Mode): Promise<Outcome> {
   const d = new KvmDriver(config, silentLogger);
   const id = `net-${mode}`;
   const h = await d.create({ id, hostname: id, vcpus: 1, memoryMb: 256, diskGb: 1, rootPassword: 'x-not-used-x', sshKeys: [] });
-  const serialPath = join(h.dir, 'serial.log');
-  const serial = () => {
-    try {
-      return readFileSync(serialPath, 'utf8');
-    } catch {
-      return '';
-    }
-  };
+  const serial = () => d.readConsole(id);
   try {
-    await until(() => serial().includes('paygress-probe: done'), 150_000, 'guest probes');
-    expect(serial()).toContain(TINY_GUEST_MARKER);
+    await until(async () => (await serial()).includes('paygress-probe: done'), 150_000, 'guest probes');
+    expect(await serial()).toContain(TINY_GUEST_MARKER);
     const banner = await probeSshBanner('127.0.0.1', h.sshPort, 5_000);
     const passtDuring = (await findPasstPids(join(h.dir, 'passt.sock'))).length;
-    const out = serial();
+    const out = await serial();
     await d.destroy(id);
     const passtAfter = (await findPasstPids(join(h.dir, 'passt.sock'))).length;
     const lines = out.split('\n').filter((l) => l.startsWith('paygress-probe:'));

@@ -122,6 +122,7 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
     let banner = '';
     await until(async () => (banner = await readLine(h.sshPort)).startsWith('SSH-2.0-'), 60_000, 'SSH banner');
     expect(banner).toBe(`${TINY_GUEST_BANNER}\n`);
+    await until(async () => (await d.readConsole('vm1')).includes(TINY_GUEST_MARKER), 30_000, 'guest marker on the console');
     expect(readFileSync(join(h.dir, 'serial.log'), 'utf8')).toContain(TINY_GUEST_MARKER);
 
     // No file the workload owns holds the plaintext; the seed carries the hash instead.
@@ -162,7 +163,7 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
     const h = await d.create(spec('seedboot'));
     const seedSectors = statSync(join(h.dir, 'seed.iso')).size / 512;
     let log = '';
-    await until(async () => (log = readFileSync(join(h.dir, 'serial.log'), 'utf8')).includes(TINY_GUEST_MARKER), 60_000, 'guest up');
+    await until(async () => (log = await d.readConsole('seedboot')).includes(TINY_GUEST_MARKER), 60_000, 'guest up');
     expect(log).toMatch(/\[vda\] 4194304 512-byte logical blocks/);
     expect(log).toContain(`[vdb] ${seedSectors} 512-byte logical blocks`);
     // QMP answered and was hung up on; the socket stays for the next time the agent needs it.

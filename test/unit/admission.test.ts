@@ -3,6 +3,7 @@ import {
   CPU_OVERCOMMIT,
   SenderRateLimiter,
   SpawnAdmission,
+  checkDisk,
   checkSpawn,
   refillBucket,
   resolveHostCapacity,
@@ -116,7 +117,7 @@ describe('SpawnAdmission', () => {
     const r3 = adm.reserve('c', { vcpus: 1, memoryMb: 100 });
     r2.release();
     r3.release();
-    expect(adm.usage('a')).toEqual({ senderVms: 0, vms: 1, inFlight: 0, vcpus: 1, memoryMb: 256 });
+    expect(adm.usage('a')).toEqual({ senderVms: 0, vms: 1, inFlight: 0, vcpus: 1, memoryMb: 256, diskGb: 0 });
   });
 
   it("counts a sender's spawns in flight against its quota", () => {
@@ -137,6 +138,53 @@ describe('SpawnAdmission', () => {
     const adm = new SpawnAdmission({ ...LIMITS, maxVms: 10, maxSpawnsInFlight: 1 }, () => []);
     adm.reserve('a', { vcpus: 1, memoryMb: 1 });
     expect(() => adm.reserve('b', { vcpus: 1, memoryMb: 1 })).toThrowError(expect.objectContaining({ code: 'busy' }));
+  });
+});
+
+describe('disk admission', () => {
+  const GB = 1024 ** 3;
+  it('admits when what live workloads may still grow, the new diskGb and the reserve fit in the free space', () => {
+    // 10 GB free, 2 GB reserve: 8 GB to promise. Live: 5 GB promised, 1 GB already written → 4 GB may still come.
+    const reading = { freeBytes: 10 * GB, allocatedBytes: 1 * GB };
+    expect(checkDisk(5, 4, reading, 2)).toBeNull();
+    const refusal = checkDisk(5, 5, reading, 2);
+    expect(refusal).toBeInstanceOf(RequestError);
+    expect(refusal?.code).toBe('capacity_exhausted');
+    expect(refusal?.message).toContain('5 GB more disk');
+    // An overlay larger than its promise (qcow2 metadata) never counts as negative growth.
+    expect(checkDisk(1, 8, { freeBytes: 10 * GB, allocatedBytes: 3 * GB }, 2)).toBeNull();
+    expect(checkDisk(0, 1, { freeBytes: 2.5 * GB, allocatedBytes: 0 }, 2)).toMatchObject({ code: 'capacity_exhausted' });
+  });
+
+  it('SpawnAdmission reserves diskGb for spawns in flight and counts live leases, reading the disk at each admission', () => {
+    const live: Holding[] = [{ workloadId: 'w-1', owner: 'x', vcpus: 1, memoryMb: 100, diskGb: 3 }];
+    let free = 10 * GB;
+    const reads: string[][] = [];
+    const a = new SpawnAdmission({ ...LIMITS, maxVms: 10, maxVmsPerSender: 10 }, () => live, {
+      reserveGb: 2,
+      read: (l) => {
+        reads.push(l.map((h) => h.workloadId ?? '?'));
+        return { freeBytes: free, allocatedBytes: 0 };
+      },
+    });
+    // 10 free - 2 reserve - 3 (live may grow) = 5 GB to promise.
+    const r1 = a.reserve('a', { vcpus: 1, memoryMb: 100, diskGb: 3 });
+    expect(() => a.reserve('b', { vcpus: 1, memoryMb: 100, diskGb: 3 })).toThrow(/3 GB more disk/);
+    expect(a.reserve('b', { vcpus: 1, memoryMb: 100, diskGb: 2 })).toBeDefined();
+    r1.release();
+    free = 4 * GB; // something else filled the disk
+    expect(() => a.reserve('c', { vcpus: 1, memoryMb: 100, diskGb: 1 })).toThrow(RequestError);
+    expect(reads[0]).toEqual(['w-1']);
+  });
+
+  it('a disk that cannot be read admits nothing', () => {
+    const a = new SpawnAdmission(LIMITS, () => [], {
+      reserveGb: 0,
+      read: () => {
+        throw Object.assign(new Error('EIO'), { code: 'EIO' });
+      },
+    });
+    expect(() => a.reserve('a', { vcpus: 1, memoryMb: 1, diskGb: 1 })).toThrow(expect.objectContaining({ code: 'capacity_exhausted' }));
   });
 });
 
@@ -161,6 +209,7 @@ describe('config', () => {
     const cfg = ConfigSchema.parse({ ...base, limits: { maxContentBytes: 4096 } });
     expect(cfg.limits).toMatchObject({ maxContentBytes: 4096, ratePerMinute: 30, rateBurst: 10, maxVmsPerSender: 3, maxVms: 32, maxSpawnsInFlight: 4 });
     expect(ConfigSchema.parse(base).limits.rateBurst).toBe(10);
+    expect(ConfigSchema.parse(base).limits.diskReserveGb).toBe(2);
   });
   it('rejects nonsense limits naming the field', () => {
     const r = ConfigSchema.safeParse({ ...base, limits: { rateBurst: 0 } });

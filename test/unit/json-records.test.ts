@@ -1,4 +1,4 @@
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -29,5 +29,36 @@ describe('readJsonRecords', () => {
     expect(broken.sort()).toEqual([join(dir, 'torn.json'), join(dir, 'wrong.json')]);
     expect(existsSync(join(dir, '.a.json.0badc0de.tmp'))).toBe(false);
     expect(readdirSync(dir).sort()).toEqual(['a.json', 'b.json', 'notes.txt', 'torn.json', 'wrong.json']);
+  });
+});
+
+describe('writeFileAtomic under a file-size limit (short writes)', () => {
+  const child = new URL('../support/atomic-write-child.ts', import.meta.url).pathname;
+  const tsx = new URL('../../node_modules/.bin/tsx', import.meta.url).pathname;
+
+  it('never leaves a prefix of the new content: old file intact, no temp file, the failure reported', async () => {
+    const { execa } = await import('execa');
+    const dir = mkdtempSync(join(tmpdir(), 'pga-shortwrite-'));
+    dirs.push(dir);
+    const file = join(dir, 'seen.log');
+    writeFileSync(file, 'old content\n');
+    // 2 000 lines of ~76 bytes (~150 KB) under a 64 KiB limit: write(2) writes
+    // what fits and returns a short count; node ignores SIGXFSZ, so the next
+    // write fails with EFBIG instead of killing the process.
+    const res = await execa('prlimit', ['--fsize=65536', tsx, child, file, '2000'], { reject: false });
+    expect(res.exitCode).toBe(0);
+    expect(res.stdout.trim()).toBe('EFBIG');
+    expect(readFileSync(file, 'utf8')).toBe('old content\n');
+    expect(readdirSync(dir)).toEqual(['seen.log']);
+  });
+
+  it('writes everything when it fits', async () => {
+    const { execa } = await import('execa');
+    const dir = mkdtempSync(join(tmpdir(), 'pga-shortwrite-'));
+    dirs.push(dir);
+    const file = join(dir, 'seen.log');
+    const res = await execa('prlimit', ['--fsize=1048576', tsx, child, file, '2000'], { reject: false });
+    expect(res.stdout.trim()).toBe('ok');
+    expect(readFileSync(file, 'utf8').split('\n').filter(Boolean)).toHaveLength(2000);
   });
 });

@@ -50,6 +50,20 @@ export interface QemuArgs {
   network?: 'user' | 'restricted' | 'passt';
 }
 
+/** The serial console's chardev id, for QMP's ringbuf-read. */
+export const CONSOLE_DEVICE = 'serial0';
+/**
+ * Bytes of console output qemu keeps until the driver reads them (a power of
+ * two, as qemu requires). Output beyond it between two reads overwrites the
+ * oldest: the guest can only lose its own console lines.
+ */
+export const CONSOLE_RING_BYTES = 65536;
+
+/** Read (and remove) what the console ring holds, as base64 (a byte stream need not be UTF-8). */
+export function readConsoleRing(): QmpCommand[] {
+  return [{ execute: 'ringbuf-read', arguments: { device: CONSOLE_DEVICE, size: CONSOLE_RING_BYTES, format: 'base64' } }];
+}
+
 /** sun_path is 108 bytes including the terminating NUL: the longest unix socket path. */
 export const SUN_PATH_MAX = 107;
 
@@ -95,10 +109,11 @@ export function buildQemuArgv(a: QemuArgs): string[] {
     '-smp', positiveInt(a.vcpus, 'vcpus'),
     // Never -nographic: qemu 7.2 refuses it together with -daemonize.
     '-display', 'none',
-    // -serial file: takes its path literally; -chardev parses commas, so the
-    // path goes through the same escaper as every other option value.
-    '-chardev', `file,id=serial0,path=${opt(vmFile(a.dir, 'serialLog'))}`,
-    '-serial', 'chardev:serial0',
+    // The console goes to a ring in qemu's memory, never to a file: a guest
+    // writing to ttyS0 without end must not fill the host's disk. The driver
+    // drains it over QMP (ringbuf-read) into a size-capped serial.log.
+    '-chardev', `ringbuf,id=${CONSOLE_DEVICE},size=${CONSOLE_RING_BYTES}`,
+    '-serial', `chardev:${CONSOLE_DEVICE}`,
     '-drive', `file=${opt(vmFile(a.dir, 'disk'))},if=virtio,format=qcow2,cache=writeback`,
     ...(a.seedAtStart ? ['-drive', `file=${opt(vmFile(a.dir, 'seed'))},if=virtio,format=raw,readonly=on`] : []),
     '-netdev', a.network === 'passt'

@@ -61,4 +61,10 @@ export interface KvmDriverConfig {
    * tenants stay equal among themselves. 0 or absent: leave them as started.
    */
   guestNice?: number;
+  /**
+   * Most bytes of a workload's console kept in its serial.log (the driver
+   * drains qemu's console ring into it while it watches the guest boot).
+   * Default 256 KiB.
+   */
+  consoleLogBytes?: number;
 }

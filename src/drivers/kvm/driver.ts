@@ -6,7 +6,8 @@
  * takes is released if a later step fails.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { statfsSync, statSync } from 'node:fs';
+import { appendFile, chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from '../../util/logger.js';
@@ -20,7 +21,7 @@ import {
   type WorkloadSpec,
 } from '../types.js';
 import { resolveAccel } from './accel.js';
-import { attachSeedAndStart, buildQemuArgv, SUN_PATH_MAX, vmFile } from './argv.js';
+import { attachSeedAndStart, buildQemuArgv, readConsoleRing, SUN_PATH_MAX, vmFile } from './argv.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
@@ -29,7 +30,7 @@ import { OverlayError, OverlayTemplates } from './overlay.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
-import { probeHost, probeSshBanner, readConsoleTail } from './readiness.js';
+import { consoleTail, probeHost, probeSshBanner } from './readiness.js';
 
 /** What vm.json holds: enough to find and stop the workload later. No secrets. */
 export interface VmMeta {
@@ -46,6 +47,7 @@ const MAX_ID_LENGTH = 40;
 const ID_RE = new RegExp(`^[a-z0-9-]{1,${MAX_ID_LENGTH}}$`);
 const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
 const PORT_TRIES = 5;
+const DEFAULT_CONSOLE_LOG_BYTES = 256 * 1024;
 
 function tail(text: string | undefined, max = 2000): string {
   const t = (text ?? '').trim();
@@ -57,6 +59,10 @@ export class KvmDriver implements ComputeDriver {
   private readonly ports: PortAllocator;
   private readonly overlays: OverlayTemplates;
   private accel: Promise<'kvm' | 'tcg'> | undefined;
+  /** Console text kept per workload being watched (the file's content, or newer when the disk was full). */
+  private readonly consoles = new Map<string, { text: Buffer; dirty: boolean }>();
+  /** Console reads per id run one after another: each appends what the previous left. */
+  private readonly consoleReads = new Map<string, Promise<string>>();
   /** Serialises create/destroy per id so a destroy never races a half-done create. */
   private readonly locks = new Map<string, Promise<unknown>>();
 
@@ -240,8 +246,7 @@ export class KvmDriver implements ComputeDriver {
         continue;
       }
 
-      // qemu creates the serial log 0640 (its daemonize sets umask 027);
-      // an existing file keeps its mode, so make it 0600 first.
+      // Empty until the driver drains the console ring into it; 0600 like everything here.
       await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
       await chmod(vmFile(dir, 'serialLog'), 0o600);
 
@@ -444,6 +449,7 @@ export class KvmDriver implements ComputeDriver {
       throw new DriverError('internal', `could not stop ${name}`, errText(err));
     }
     await rm(dir, { recursive: true, force: true });
+    this.consoles.delete(id);
     if (meta) this.ports.release(meta.sshPort);
     if (existed) log.info({ phase: 'destroy', ms: Date.now() - t0 }, 'workload destroyed');
     else log.debug('destroy: no such workload, nothing to do');
@@ -458,6 +464,35 @@ export class KvmDriver implements ComputeDriver {
     const running = pid !== undefined && (await isVmProcess(pid, name));
     if (running) return { id, state: 'running', pid, sshPort: meta?.sshPort };
     return meta ? { id, state: 'gone', sshPort: meta.sshPort } : { id, state: 'gone' };
+  }
+
+  /**
+   * Free bytes under the VM root and what the given workloads' overlays
+   * already take on it. Synchronous (statfs + one stat per workload): admission
+   * decides in one turn of the event loop. Throws if the VM root's disk cannot be read.
+   */
+  diskReading(ids: readonly string[]): { freeBytes: number; allocatedBytes: number } {
+    let dir = this.config.vmRoot;
+    // The VM root may not exist yet: its nearest existing ancestor is on the same disk.
+    for (;;) {
+      try {
+        const st = statfsSync(dir);
+        let allocatedBytes = 0;
+        for (const id of ids) {
+          if (!ID_RE.test(id)) continue;
+          try {
+            allocatedBytes += statSync(vmFile(this.workloadDir(id), 'disk')).blocks * 512;
+          } catch {
+            // no overlay (yet, or any more): it takes nothing
+          }
+        }
+        return { freeBytes: st.bavail * st.bsize, allocatedBytes };
+      } catch (err) {
+        const parent = path.dirname(dir);
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || parent === dir) throw err;
+        dir = parent;
+      }
+    }
   }
 
   async list(): Promise<string[]> {
@@ -497,23 +532,34 @@ export class KvmDriver implements ComputeDriver {
       ready: false,
       reason,
       ms: Date.now() - t0,
-      consoleTail: await readConsoleTail(vmFile(dir, 'serialLog')),
+      // A dead qemu's ring is gone: the tail is what the last polls drained.
+      consoleTail: consoleTail(await this.readConsole(id)),
     });
-    // vm.json is written once at launch: port and token are read once, not per poll.
-    const meta = await this.readMeta(id);
-    if (!meta) return failed('died');
-    const name = this.vmName(id);
-    for (;;) {
-      const pid = await readPidfile(vmFile(dir, 'pidfile'));
-      if (pid === undefined || !(await isVmProcess(pid, name))) return failed('died');
-      // The banner is cheap to keep probing until it first answers; after that
-      // only the console marker is awaited.
-      banner ||= await probeSshBanner(host, meta.sshPort, 2000);
-      if (banner && (!needCloudInit || (await serialShowsFinalMessage(dir, meta.readyToken)))) return { ready: true, ms: Date.now() - t0 };
-      if (Date.now() - t0 >= opts.timeoutMs || opts.signal?.aborted) return failed('timeout');
-      // A boot takes seconds to minutes: a half-second poll costs nothing and
-      // reacts to a dead qemu at once.
-      await new Promise((r) => setTimeout(r, 500));
+    try {
+      // vm.json is written once at launch: port and token are read once, not per poll.
+      const meta = await this.readMeta(id);
+      if (!meta) return await failed('died');
+      const name = this.vmName(id);
+      for (;;) {
+        const pid = await readPidfile(vmFile(dir, 'pidfile'));
+        if (pid === undefined || !(await isVmProcess(pid, name))) return await failed('died');
+        // Drained at every poll, whatever the readiness mode: the boot_failed
+        // tail needs it, and the ring must not overwrite cloud-init's final message.
+        const console = await this.readConsole(id);
+        // The banner is cheap to keep probing until it first answers; after that
+        // only the console marker is awaited.
+        banner ||= await probeSshBanner(host, meta.sshPort, 2000);
+        if (banner && (!needCloudInit || console.includes(finalMessageFor(meta.readyToken)))) {
+          return { ready: true, ms: Date.now() - t0 };
+        }
+        if (Date.now() - t0 >= opts.timeoutMs || opts.signal?.aborted) return await failed('timeout');
+        // A boot takes seconds to minutes: a half-second poll costs nothing and
+        // reacts to a dead qemu at once.
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    } finally {
+      // Nobody reads this console any more: qemu's ring bounds it from here on.
+      this.consoles.delete(id);
     }
   }
 
@@ -524,15 +570,69 @@ export class KvmDriver implements ComputeDriver {
    */
   async cloudInitFinished(id: string): Promise<boolean> {
     const meta = await this.readMeta(id);
-    return meta !== undefined && serialShowsFinalMessage(this.workloadDir(id), meta.readyToken);
+    return meta !== undefined && (await this.readConsole(id)).includes(finalMessageFor(meta.readyToken));
+  }
+
+  /**
+   * The workload's console as far as it is kept: drains what qemu's ring holds
+   * into serial.log (at most `consoleLogBytes`, oldest dropped first) and
+   * returns the kept text. A VM started before the console became a ring (a
+   * file chardev) has no ring to read: its serial.log is read as it is.
+   */
+  readConsole(id: string): Promise<string> {
+    assertId(id);
+    const prev = this.consoleReads.get(id) ?? Promise.resolve('');
+    const next = prev.catch(() => '').then(() => this.drainConsole(id));
+    this.consoleReads.set(id, next);
+    void next.finally(() => {
+      if (this.consoleReads.get(id) === next) this.consoleReads.delete(id);
+    });
+    return next;
+  }
+
+  private async drainConsole(id: string): Promise<string> {
+    const dir = this.workloadDir(id);
+    const file = vmFile(dir, 'serialLog');
+    const cap = this.config.consoleLogBytes ?? DEFAULT_CONSOLE_LOG_BYTES;
+    let kept = this.consoles.get(id);
+    if (!kept) {
+      kept = { text: await readTail(file, cap), dirty: false };
+      this.consoles.set(id, kept);
+    }
+    let chunk: Buffer;
+    try {
+      const [ret] = await runQmp(vmFile(dir, 'qmpSocket'), readConsoleRing(), 2000);
+      chunk = Buffer.from(typeof ret === 'string' ? ret : '', 'base64');
+    } catch {
+      // qemu gone (its ring with it) or no ring (an older VM): what is kept is all there is.
+      return kept.text.toString('utf8');
+    }
+    if (chunk.length === 0 && !kept.dirty) return kept.text.toString('utf8');
+    let text = Buffer.concat([kept.text, chunk]);
+    // Past the cap, keep the newer half: the file is rewritten once per half a cap of output, not at every read.
+    const rewrite = kept.dirty || text.length > cap;
+    if (text.length > cap) text = text.subarray(text.length - Math.floor(cap / 2));
+    kept.text = text;
+    try {
+      if (rewrite) await writeFile(file, text, { mode: 0o600 });
+      else await appendFile(file, chunk, { mode: 0o600 });
+      kept.dirty = false;
+    } catch (err) {
+      // A full disk: the text stays in memory, and the file is rewritten whole once it can be.
+      kept.dirty = true;
+      this.logger.debug({ workloadId: id, code: (err as NodeJS.ErrnoException).code }, 'console log not written');
+    }
+    return text.toString('utf8');
   }
 }
 
-async function serialShowsFinalMessage(dir: string, readyToken: string): Promise<boolean> {
+/** The last `max` bytes of a file, or nothing. */
+async function readTail(file: string, max: number): Promise<Buffer> {
   try {
-    return (await readFile(vmFile(dir, 'serialLog'), 'utf8')).includes(finalMessageFor(readyToken));
+    const buf = await readFile(file);
+    return buf.length > max ? buf.subarray(buf.length - max) : buf;
   } catch {
-    return false;
+    return Buffer.alloc(0);
   }
 }
 

@@ -7,7 +7,6 @@
  *    root password is set.
  */
 import { connect } from 'node:net';
-import { readFile } from 'node:fs/promises';
 
 /** Read the first bytes a TCP server sends; true if they start an SSH banner. */
 export function probeSshBanner(host: string, port: number, timeoutMs = 3000): Promise<boolean> {
@@ -49,12 +48,4 @@ export function consoleTail(text: string, maxLines = 25, maxChars = 3000): strin
   const lines = clean.split('\n').filter((l) => l.trim() !== '');
   const tail = lines.slice(-maxLines).join('\n');
   return tail.length > maxChars ? tail.slice(-maxChars) : tail;
-}
-
-export async function readConsoleTail(file: string): Promise<string> {
-  try {
-    return consoleTail(await readFile(file, 'utf8'));
-  } catch {
-    return '';
-  }
 }

@@ -1,0 +1,72 @@
+/**
+ * The reply spool is bounded: during a relay outage the oldest waiting
+ * messages are dropped first, and a spool file that cannot be written (full
+ * disk) neither fails the send nor loses the message from memory.
+ */
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { generateSecretKey, getPublicKey } from 'nostr-tools/pure';
+import { RelayPool } from '../../src/nostr/relays.js';
+import { NostrOutbox } from '../../src/service/nostr-outbox.js';
+import { silentLogger } from '../../src/util/logger.js';
+import { mountTmpfs, type Tmpfs } from '../support/tmpfs.js';
+
+/** Nothing listens here (this file's port range: 47200-47209): no relay ever accepts. */
+const DEAD_RELAY = 'ws://127.0.0.1:47201';
+
+const cleanup: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const c of cleanup.splice(0).reverse()) await c();
+});
+
+function setup(fs: Tmpfs, opts: { maxWaiting?: number; maxWaitingBytes?: number }) {
+  const pool = new RelayPool({ urls: [DEAD_RELAY], logger: silentLogger, publishTimeoutMs: 50 });
+  const spoolDir = join(fs.dir, 'outbox');
+  const outbox = new NostrOutbox({ sk: generateSecretKey(), pool, logger: silentLogger, spoolDir, ...opts });
+  cleanup.push(() => pool.close(), () => outbox.close());
+  return { outbox, spoolDir };
+}
+
+const to = getPublicKey(generateSecretKey());
+const message = (n: number) => ({ type: 'error', request_id: n.toString(16).padStart(64, '0'), code: 'busy', message: 'x'.repeat(100) });
+const spooledRequestIds = (dir: string) =>
+  readdirSync(dir).map((f) => (JSON.parse(readFileSync(join(dir, f), 'utf8')) as { message: { request_id: string } }).message.request_id).sort();
+
+describe('reply spool bounds', () => {
+  let fs: Tmpfs;
+  afterEach(() => fs?.unmount());
+
+  it('keeps at most maxWaiting messages, dropping the oldest first', async () => {
+    fs = mountTmpfs(1024);
+    const { outbox, spoolDir } = setup(fs, { maxWaiting: 4 });
+    for (let n = 0; n < 10; n++) await outbox.send({ to, channel: 'nip17' }, message(n));
+    expect(outbox.waitingCount).toBe(4);
+    expect(spooledRequestIds(spoolDir)).toEqual([6, 7, 8, 9].map((n) => message(n).request_id));
+  });
+
+  it('keeps at most maxWaitingBytes of messages', async () => {
+    fs = mountTmpfs(1024);
+    const { outbox, spoolDir } = setup(fs, { maxWaitingBytes: 2000 });
+    for (let n = 0; n < 20; n++) await outbox.send({ to, channel: 'nip17' }, message(n));
+    const kept = spooledRequestIds(spoolDir);
+    expect(kept.length).toBeGreaterThan(0);
+    expect(kept.length).toBeLessThan(20);
+    expect(kept).toContain(message(19).request_id);
+    const bytes = readdirSync(spoolDir).reduce((sum, f) => sum + readFileSync(join(spoolDir, f)).length, 0);
+    expect(bytes).toBeLessThanOrEqual(2000);
+  });
+
+  it('holds a message in memory when the spool cannot be written, and spools later ones once space is back', async () => {
+    fs = mountTmpfs(256);
+    const { outbox, spoolDir } = setup(fs, {});
+    fs.fill();
+    await expect(outbox.send({ to, channel: 'nip17' }, message(1))).resolves.toBeUndefined();
+    expect(outbox.waitingCount).toBe(1);
+    expect(readdirSync(spoolDir)).toEqual([]);
+    fs.free();
+    await outbox.send({ to, channel: 'nip17' }, message(2));
+    expect(outbox.waitingCount).toBe(2);
+    expect(spooledRequestIds(spoolDir)).toEqual([message(2).request_id]);
+  });
+});
