@@ -19,7 +19,8 @@ export class Semaphore {
       return await job();
     } finally {
       this.active--;
-      this.waiting.shift()?.();
+      // Below the limit only: after setLimit lowered it, running jobs drain first.
+      if (this.active < this.limit) this.waiting.shift()?.();
     }
   }
 }
