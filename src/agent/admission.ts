@@ -64,7 +64,7 @@ export class SenderRateLimiter {
   private readonly now: () => number;
   private readonly maxSenders: number;
   /** At most one `rate_limited` reply per sender per this many ms (the time one token takes). */
-  private readonly noticeIntervalMs: number;
+  private noticeIntervalMs: number;
 
   constructor(private readonly opts: RateLimitOptions) {
     if (!(opts.capacity >= 1) || !(opts.refillPerSecond > 0)) throw new Error('rate limit needs capacity >= 1 and refill > 0');
@@ -99,6 +99,14 @@ export class SenderRateLimiter {
       this.buckets.delete(oldest);
     }
     return decision;
+  }
+
+  /** New burst and refill (config reload); buckets keep their tokens, capped at the new burst on the next take. */
+  reconfigure(next: { capacity: number; refillPerSecond: number }): void {
+    if (!(next.capacity >= 1) || !(next.refillPerSecond > 0)) throw new Error('rate limit needs capacity >= 1 and refill > 0');
+    this.opts.capacity = next.capacity;
+    this.opts.refillPerSecond = next.refillPerSecond;
+    this.noticeIntervalMs = 1000 / next.refillPerSecond;
   }
 
   /** Senders currently tracked (bounded by `maxSenders`). */
@@ -238,10 +246,15 @@ export class SpawnAdmission {
 
   /** `live()` lists what running workloads hold (the lease table). */
   constructor(
-    private readonly limits: SpawnLimits,
+    private limits: SpawnLimits,
     private readonly live: () => Iterable<Holding>,
     private readonly disk?: DiskAdmission,
   ) {}
+
+  /** New caps (config reload): the next spawn is judged by them; running workloads are left alone. */
+  setLimits(limits: SpawnLimits): void {
+    this.limits = limits;
+  }
 
   usage(sender: string): Usage {
     const u: Usage = { senderVms: 0, vms: 0, inFlight: this.reserved.size, vcpus: 0, memoryMb: 0, diskGb: 0 };

@@ -149,6 +149,15 @@ export class Agent {
     return job;
   }
 
+  /** A reloaded policy: plans and request limits apply from the next request on; work in flight keeps what it started with. */
+  updatePolicy(policy: Pick<AgentOptions, 'plans' | 'defaultPlan' | 'maxContentBytes' | 'maxConcurrentRequests'>): void {
+    this.opts.plans = policy.plans;
+    this.opts.defaultPlan = policy.defaultPlan;
+    this.opts.maxContentBytes = policy.maxContentBytes;
+    this.opts.maxConcurrentRequests = policy.maxConcurrentRequests;
+    this.limiter.setLimit(policy.maxConcurrentRequests);
+  }
+
   /** Stop taking new work and wait for requests in flight. */
   async drain(): Promise<void> {
     this.accepting = false;

@@ -7,13 +7,17 @@
 import { parseArgs } from 'node:util';
 import { loadConfig, ConfigError } from '../config/load.js';
 import { hasBlocker, renderTable, runChecks } from '../doctor/index.js';
-import { startService } from '../service/service.js';
-import { createLogger } from '../util/logger.js';
+import type { Config } from '../config/schema.js';
+import { startService, type RunningService } from '../service/service.js';
+import { createLogger, type Logger } from '../util/logger.js';
 
 const USAGE = `usage: paygress-agent run|doctor [--config /etc/paygress-agent/provider.json] [--json]
 
   run      check the host (as doctor, without relays), then listen on the
-           configured relays and serve spawn/stop/status DMs
+           configured relays and serve spawn/stop/status DMs. Refuses to run
+           as root (qemu would run as root too) unless --allow-root is given.
+           SIGHUP re-reads the config: plans, limits, relays and logLevel
+           apply at once; other changed fields are reported and need a restart
   doctor   check KVM, qemu, the base image, the key file, directories, the
            port range, each relay and the public host; print a table with a
            fix for each problem. Exit 0 when nothing blocks, 78 otherwise.
@@ -34,12 +38,20 @@ async function main(argv: string[]): Promise<number> {
       config: { type: 'string', short: 'c', default: process.env.PAYGRESS_CONFIG ?? '/etc/paygress-agent/provider.json' },
       help: { type: 'boolean', short: 'h' },
       json: { type: 'boolean' },
+      'allow-root': { type: 'boolean' },
     },
   });
   const command = positionals[0];
   if (values.help || (command !== 'run' && command !== 'doctor')) {
     process.stderr.write(USAGE);
     return values.help ? 0 : 64;
+  }
+  if (command === 'run' && process.getuid?.() === 0 && !values['allow-root']) {
+    process.stderr.write(
+      'paygress-agent: refusing to run as root: every VM\'s qemu would run as root too, and a guest escape would own the host.\n' +
+        '  Run it as the service user (the systemd unit does: User=paygress), or pass --allow-root for a throwaway test machine.\n',
+    );
+    return EX_CONFIG;
   }
   const cfg = loadConfig(values.config);
   if (command === 'doctor') {
@@ -48,6 +60,9 @@ async function main(argv: string[]): Promise<number> {
     return hasBlocker(rows) ? EX_CONFIG : 0;
   }
   const logger = createLogger({ level: cfg.logLevel });
+  // SIGHUP's default action ends the process: hold it from here, even before the service is up.
+  let reload: () => void = () => logger.warn('SIGHUP while starting: ignored; send it again once the agent listens');
+  process.on('SIGHUP', () => reload());
   // The blocking checks first: a host that cannot serve should fail here,
   // loudly and with the fix, not at the first consumer's spawn.
   const rows = await runChecks(cfg, { mode: 'run' });
@@ -59,6 +74,7 @@ async function main(argv: string[]): Promise<number> {
     return EX_CONFIG;
   }
   const service = await startService(cfg, logger);
+  reload = () => reloadConfig(service, values.config, logger);
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
       logger.info({ signal }, 'stopping');
@@ -69,6 +85,27 @@ async function main(argv: string[]): Promise<number> {
   });
   await service.stop();
   return 0;
+}
+
+/** SIGHUP: re-read the file; a bad one leaves the running config as it is and says which field is wrong. */
+function reloadConfig(service: RunningService, path: string, logger: Logger): void {
+  let next: Config;
+  try {
+    next = loadConfig(path);
+  } catch (err) {
+    const why = (err as Error).message.split('\n').map((l) => l.trim()).filter(Boolean).join(' ');
+    logger.error({ config: path }, `config reload refused, keeping the running config: ${why}`);
+    return;
+  }
+  try {
+    const { live, needsRestart } = service.reload(next);
+    logger.info({ config: path, applied: live }, live.length ? `config reloaded: ${live.join(', ')}` : 'config reloaded: nothing to apply');
+    if (needsRestart.length) {
+      logger.warn({ config: path, fields: needsRestart }, `config reload: ${needsRestart.join(', ')} changed but needs a restart; kept as running`);
+    }
+  } catch (err) {
+    logger.error({ config: path, err: (err as Error).message }, 'config reload failed part way; restart the agent to be sure of its config');
+  }
 }
 
 main(process.argv.slice(2)).then(

@@ -72,6 +72,12 @@ export const KvmConfigSchema = z.object({
   guestNice: z.number().int().min(0).max(19).default(10),
   /** Most bytes of a guest's console kept in its serial.log (boot_failed shows its tail); the rest is dropped oldest first. */
   consoleLogBytes: z.number().int().min(4096).max(64 * 1024 * 1024).default(262_144),
+  /**
+   * oom_score_adj every guest's qemu gets once started: the kernel's OOM
+   * killer takes a tenant's VM before the agent (the unit sets the agent's
+   * OOMScoreAdjust=-900). The service can raise it, not lower it below the unit's.
+   */
+  guestOomScoreAdj: z.number().int().min(-1000).max(1000).default(500),
   portRange: z
     .object({ from: z.number().int().min(1024).max(65535), to: z.number().int().min(1024).max(65535) })
     .refine((r) => r.from <= r.to, 'from must be <= to')

@@ -182,6 +182,27 @@ export class RelayPool {
     for (const c of this.conns) this.connect(c);
   }
 
+  /**
+   * Follow a new relay list (config reload): connect to added relays, close
+   * removed ones. Subscriptions are sent to the added relays as they connect;
+   * events queued only for a removed relay are dropped with it.
+   */
+  setRelays(urls: readonly string[]): { added: string[]; removed: string[] } {
+    const want = [...new Set(urls)];
+    const removed = this.conns.filter((c) => !want.includes(c.url));
+    const added = want.filter((url) => !this.conns.some((c) => c.url === url));
+    for (const c of removed) {
+      this.conns.splice(this.conns.indexOf(c), 1);
+      void this.shutdownConn(c);
+    }
+    for (const url of added) {
+      const c: Conn = { url, open: false, attempt: 0, openedAt: 0, alive: false, outbox: new Map() };
+      this.conns.push(c);
+      if (this.started && !this.closed) this.connect(c);
+    }
+    return { added, removed: removed.map((c) => c.url) };
+  }
+
   connectedCount(): number {
     return this.conns.filter((c) => c.open).length;
   }

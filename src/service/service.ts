@@ -11,6 +11,7 @@ import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
 import { join } from 'node:path';
 import type { Config } from '../config/schema.js';
+import { applyLiveFields, planReload, type ReloadPlan } from '../config/reload.js';
 import type { ComputeDriver } from '../drivers/types.js';
 import { KvmDriver, ensureBaseImage } from '../drivers/kvm/index.js';
 import { dmFilter, TWO_DAYS, type OpenResult } from '../nostr/dm.js';
@@ -33,10 +34,14 @@ export interface RunningService {
   pubkey: string;
   agent: Agent;
   pool: RelayPool;
+  /** Apply what a re-read config may change while running (see config/reload.ts); the rest is kept and reported. */
+  reload(next: Config): ReloadPlan;
   stop(): Promise<void>;
 }
 
-export async function startService(cfg: Config, logger: Logger): Promise<RunningService> {
+export async function startService(initial: Config, logger: Logger): Promise<RunningService> {
+  // Replaced by reload(): what reads it later (admission, the offer) sees the live fields.
+  let cfg = initial;
   const sk = await readKeyFile(cfg.provider.keyFile);
   const pubkey = pubkeyOf(sk);
 
@@ -68,6 +73,24 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
   const outbox = new NostrOutbox({ sk, pool, spoolDir: join(cfg.stateDir, 'outbox'), logger: logger.child({ part: 'outbox' }) });
   const hostCapacity = resolveHostCapacity(cfg.limits.hostCapacity);
   logger.info({ hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
+  const rateLimiter = new SenderRateLimiter({ capacity: cfg.limits.rateBurst, refillPerSecond: cfg.limits.ratePerMinute / 60 });
+  const spawnLimits = (limits: Config['limits']) => ({
+    maxVmsPerSender: limits.maxVmsPerSender,
+    maxVms: limits.maxVms,
+    maxSpawnsInFlight: limits.maxSpawnsInFlight,
+    hostCapacity: resolveHostCapacity(limits.hostCapacity),
+  });
+  const admission = new SpawnAdmission(
+    spawnLimits(cfg.limits),
+    () => leases.all(),
+    kvmDriver && {
+      // A getter: reload() replaces cfg, and the reserve applies from the next spawn on.
+      get reserveGb() {
+        return cfg.limits.diskReserveGb;
+      },
+      read: (live) => kvmDriver!.diskReading(live.flatMap((h) => (h.workloadId ? [h.workloadId] : []))),
+    },
+  );
   const agent = new Agent({
     publicHost: cfg.provider.publicHost,
     tiers: cfg.tiers,
@@ -82,20 +105,8 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     inflight,
     outbox,
     logger,
-    rateLimiter: new SenderRateLimiter({ capacity: cfg.limits.rateBurst, refillPerSecond: cfg.limits.ratePerMinute / 60 }),
-    admission: new SpawnAdmission(
-      {
-        maxVmsPerSender: cfg.limits.maxVmsPerSender,
-        maxVms: cfg.limits.maxVms,
-        maxSpawnsInFlight: cfg.limits.maxSpawnsInFlight,
-        hostCapacity,
-      },
-      () => leases.all(),
-      kvmDriver && {
-        reserveGb: cfg.limits.diskReserveGb,
-        read: (live) => kvmDriver.diskReading(live.flatMap((h) => (h.workloadId ? [h.workloadId] : []))),
-      },
-    ),
+    rateLimiter,
+    admission,
   });
   const supervisor = new Supervisor({
     agent,
@@ -182,6 +193,24 @@ export async function startService(cfg: Config, logger: Logger): Promise<Running
     pubkey,
     agent,
     pool,
+    reload(next: Config): ReloadPlan {
+      const plan = planReload(cfg, next);
+      if (plan.live.length === 0) return plan;
+      const after = applyLiveFields(cfg, next);
+      logger.level = after.logLevel;
+      const relays = pool.setRelays(after.relays);
+      if (relays.added.length || relays.removed.length) logger.info(relays, 'relays changed');
+      rateLimiter.reconfigure({ capacity: after.limits.rateBurst, refillPerSecond: after.limits.ratePerMinute / 60 });
+      admission.setLimits(spawnLimits(after.limits));
+      agent.updatePolicy({
+        plans: after.plans,
+        defaultPlan: after.defaultPlan,
+        maxContentBytes: after.limits.maxContentBytes,
+        maxConcurrentRequests: after.limits.maxConcurrentRequests,
+      });
+      cfg = after;
+      return plan;
+    },
     async stop() {
       sub.close();
       // Events already received still open and reach the agent before it drains.

@@ -307,8 +307,17 @@ describe('the CLI', () => {
     expect(rows.find((r) => r.name === 'public host')?.status).toBe('fail');
   });
 
+  it('run refuses to run as root without --allow-root: exit 78, says why, starts nothing', async () => {
+    expect(process.getuid?.()).toBe(0);
+    const res = await cli(['run', '--config', writeConfig()]);
+    expect(res.exitCode).toBe(78);
+    expect(res.stderr).toMatch(/refusing to run as root/);
+    expect(res.stderr).toMatch(/User=paygress/);
+    expect(res.stdout).not.toMatch(/agent listening/);
+  });
+
   it('run refuses to start on a blocker (0644 key), exits 78 and says why', async () => {
-    const res = await cli(['run', '--config', writeConfig({ keyMode: 0o644 })]);
+    const res = await cli(['run', '--allow-root', '--config', writeConfig({ keyMode: 0o644 })]);
     expect(res.exitCode).toBe(78);
     expect(res.stderr).toMatch(/not starting, 1 blocking check\(s\) failed/);
     expect(res.stderr).toMatch(/fix: chmod 600 /);

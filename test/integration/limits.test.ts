@@ -253,7 +253,7 @@ describe('provider key file', () => {
     const configPath = join(dir, 'provider.json');
     writeFileSync(configPath, JSON.stringify(cfg));
     const cli = new URL('../../src/cli/agent.ts', import.meta.url).pathname;
-    const r = await execa('node', ['--import', 'tsx', cli, 'run', '--config', configPath], { reject: false, all: true, timeout: 30_000 });
+    const r = await execa('node', ['--import', 'tsx', cli, 'run', '--allow-root', '--config', configPath], { reject: false, all: true, timeout: 30_000 });
     expect(r.exitCode).not.toBe(0);
     expect(r.all).toMatch(/0644/);
     expect(r.all).toMatch(/chmod 600/);

@@ -127,7 +127,8 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
   let out = '';
   const waiters = new Set<() => void>();
   const cli = opts.compiled ? [...unitNodeFlags(), COMPILED_AGENT_CLI] : ['--import', 'tsx', AGENT_CLI];
-  const proc = execa('node', [...cli, 'run', '--config', configPath], {
+  // Tests run as root here; the agent refuses that without the flag.
+  const proc = execa('node', [...cli, 'run', '--allow-root', '--config', configPath], {
     reject: false,
     stdin: 'ignore',
     all: true,

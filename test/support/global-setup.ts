@@ -4,9 +4,12 @@
  * ~/.cache/paygress-agent/guests).
  */
 import { ensureCloudGuest } from './cloud-guest.js';
+import { ensureSystemdRoot } from './systemd-root.js';
 import { ensureTinyGuest } from './tiny-guest.js';
 
 export default async function setup(): Promise<void> {
   await ensureTinyGuest();
   await ensureCloudGuest();
+  // The Debian root the real-systemd test boots with systemd-nspawn.
+  await ensureSystemdRoot();
 }

@@ -67,4 +67,12 @@ export interface KvmDriverConfig {
    * Default 256 KiB.
    */
   consoleLogBytes?: number;
+  /**
+   * The OOM killer's preference for every guest's qemu (-1000..1000, written
+   * to /proc/<pid>/oom_score_adj once it runs): above the agent's, so that
+   * under memory pressure a tenant's VM goes before the agent that serves all
+   * of them. Unprivileged processes may raise it, not lower it below what the
+   * unit set. Absent: left as inherited.
+   */
+  guestOomScoreAdj?: number;
 }

@@ -25,7 +25,7 @@ import { attachSeedAndStart, buildQemuArgv, readConsoleRing, SUN_PATH_MAX, vmFil
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import type { KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
-import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, stopVmProcess, waitForPidfile } from './process.js';
+import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
@@ -309,6 +309,12 @@ export class KvmDriver implements ComputeDriver {
       // after an early pass inherit its nice value from the thread that made them.)
       const lowered = await lowerProcessPriority(pid, this.guestNice);
       log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered');
+    }
+    if (config.guestOomScoreAdj !== undefined) {
+      // Best effort: a host that refuses it still runs the VM, only without the OOM preference.
+      await setOomScoreAdj(pid, config.guestOomScoreAdj).catch((err: Error) =>
+        log.warn({ pid, oomScoreAdj: config.guestOomScoreAdj, err: err.message }, 'could not set the guest OOM score'),
+      );
     }
     log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: taken.port }, 'qemu running, paused');
   }

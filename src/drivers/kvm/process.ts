@@ -175,6 +175,12 @@ export async function stopIdentified(
   throw new Error(`process ${pid} (${what}) survived SIGKILL`);
 }
 
+/** Set a process's OOM killer preference (-1000..1000); without privileges only upwards from what it inherited. */
+export async function setOomScoreAdj(pid: number, adj: number): Promise<void> {
+  if (!Number.isInteger(adj) || adj < -1000 || adj > 1000) throw new RangeError('oom_score_adj must be an integer in -1000..1000');
+  await writeFile(`/proc/${pid}/oom_score_adj`, String(adj));
+}
+
 /**
  * Lower the CPU priority of a running qemu: every thread's nice value
  * (setpriority on each tid; threads qemu creates later inherit it from their
