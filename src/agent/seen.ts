@@ -42,11 +42,13 @@ export class SeenStore {
 
   /**
    * Mark ids as taken. Returns false (and marks nothing) if any was already
-   * taken: the caller must then drop the message.
+   * taken: the caller must then drop the message. `at` (unix seconds, default
+   * now) dates the entry: retention counts from it, so a request dated in the
+   * future can be remembered until its own date has left the window.
    */
-  claim(ids: readonly string[]): boolean {
+  claim(ids: readonly string[], at?: number): boolean {
     if (ids.some((id) => this.seen.has(id))) return false;
-    const t = now();
+    const t = Math.max(now(), at ?? 0);
     for (const id of ids) this.seen.set(id, t);
     // Written before the request runs: a crash mid-request loses the request
     // rather than running it twice (at-most-once).
