@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import type { Outbox, Route } from '../agent/agent.js';
 import { sealDm } from '../nostr/dm.js';
 import type { RelayPool } from '../nostr/relays.js';
-import type { DmChannel } from '../nostr/types.js';
+import type { DmChannel, NostrEvent } from '../nostr/types.js';
 import { readJsonRecords, writeFileAtomic } from '../util/atomic-file.js';
 import type { Logger } from '../util/logger.js';
 
@@ -31,6 +31,12 @@ interface Pending {
   message: Record<string, unknown>;
   /** Unix ms after which the message is given up. */
   deadline: number;
+  /**
+   * The sealed event, made once: a retry publishes the very same event, so a
+   * relay whose OK came late (or never) and the consumer see one message,
+   * never a second copy under a new id.
+   */
+  event?: NostrEvent;
 }
 
 export class NostrOutbox implements Outbox {
@@ -75,7 +81,7 @@ export class NostrOutbox implements Outbox {
     const { route } = p;
     const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
     // A fresh seal per attempt: same content, new event; the consumer matches on request_id.
-    const event = sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo });
+    const event = (p.event ??= sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo }));
     try {
       const res = await this.opts.pool.publish(event);
       if (spooled) this.unspool(p);
