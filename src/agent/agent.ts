@@ -160,6 +160,7 @@ export class Agent {
     // Holders of a workload wait in their own lane, served first: a flood of
     // fresh keys cannot keep a tenant from stopping or checking its VM.
     const tenant = this.opts.leases.all().some((l) => l.owner === msg.sender);
+    const before = this.queue.stats();
     const job = this.queue.offer(async () => {
       // Claimed only when work starts: a message still queued when the agent
       // stops stays unclaimed and is read again from the relays after restart.
@@ -170,6 +171,9 @@ export class Agent {
     }, { priority: tenant });
     if (!job) return this.refuse(msg, 'busy', this.busyNotices.take(msg.sender));
     this.counts.accepted++;
+    if (before.running >= this.opts.maxConcurrentRequests) {
+      this.log.debug({ requestId: msg.requestId, lane: tenant ? 'tenant' : 'normal', ahead: tenant ? before.queuedPriority : before.queued }, 'request queued');
+    }
     this.track(job);
     return job;
   }
