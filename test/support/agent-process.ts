@@ -37,6 +37,8 @@ export interface AgentProcessOptions {
    * as in production (the bench measures memory this way).
    */
   compiled?: boolean;
+  /** How long to wait for `agent listening`. Default 20000. */
+  startTimeoutMs?: number;
 }
 
 /** The node flags the systemd unit starts the agent with: a compiled test agent runs as production does. */
@@ -175,6 +177,6 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
       await proc;
     },
   };
-  await waitForLog(/agent listening/);
+  await waitForLog(/agent listening/, opts.startTimeoutMs);
   return agent;
 }
