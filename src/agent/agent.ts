@@ -174,8 +174,14 @@ export class Agent {
     if (before.running >= this.opts.maxConcurrentRequests) {
       this.log.debug({ requestId: msg.requestId, lane: tenant ? 'tenant' : 'normal', ahead: tenant ? before.queuedPriority : before.queued }, 'request queued');
     }
-    this.track(job);
-    return job;
+    return this.track(this.logFailure(job, msg.requestId));
+  }
+
+  /** `handle` never rejects: a throw outside process()'s own handling (e.g. the seen store's write) is logged, not left unhandled. */
+  private logFailure(job: Promise<void>, requestId: string): Promise<void> {
+    return job.catch((err: unknown) => {
+      this.log.error({ requestId, err: err instanceof Error ? err.message : String(err) }, 'request failed before it could be answered');
+    });
   }
 
   /**
@@ -208,7 +214,14 @@ export class Agent {
     // refused until that date has left the subscription window, instead of
     // running once the seen store's retention (counted from now) has passed.
     const keepFrom = reason === 'clock_skew' ? msg.createdAt : undefined;
-    if (!this.opts.seen.claim(msg.dedupeIds, keepFrom)) return Promise.resolve();
+    let claimed: boolean;
+    try {
+      claimed = this.opts.seen.claim(msg.dedupeIds, keepFrom);
+    } catch (err) {
+      this.log.error({ requestId: msg.requestId, err: (err as Error).message }, `request refused (${reason}) but could not be recorded; not answered`);
+      return Promise.resolve();
+    }
+    if (!claimed) return Promise.resolve();
     this.counts.refused[reason]++;
     this.log.info({ requestId: msg.requestId, sender: msg.sender }, `request refused: ${reason}`);
     const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
@@ -221,8 +234,7 @@ export class Agent {
           this.log.error({ err: err.message }, 'reply could not be sent');
         },
       );
-    this.track(job);
-    return job;
+    return this.track(job);
   }
 
   stats(): AgentStats {
@@ -295,9 +307,18 @@ export class Agent {
     this.track(this.watchReady(lease.workloadId, this.log.child({ requestId: lease.requestId }), Math.max(left, 15_000)));
   }
 
-  private track(job: Promise<void>): void {
+  private track(job: Promise<void>): Promise<void> {
     this.pending.add(job);
-    void job.finally(() => this.pending.delete(job));
+    // Every tracked job has a handler here: a rejection (a bug in a readiness
+    // watch, say) is logged, never left unhandled to end the process.
+    job.then(
+      () => this.pending.delete(job),
+      (err: unknown) => {
+        this.pending.delete(job);
+        this.log.error({ err: err instanceof Error ? err.message : String(err) }, 'background task failed');
+      },
+    );
+    return job;
   }
 
   /**

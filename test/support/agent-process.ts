@@ -98,6 +98,8 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
       limits: {
         ratePerMinute: 6000,
         rateBurst: 1000,
+        // Bursts of hundreds (hostile corpus) must get their own answers, not `busy`; the flood test sets its own.
+        maxQueuedRequests: 10_000,
         maxVmsPerSender: 20,
         maxVms: 40,
         maxSpawnsInFlight: 16,

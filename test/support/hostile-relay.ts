@@ -4,7 +4,7 @@
  * otherwise sends whatever text the test gives it (junk, multi-MB frames,
  * deep arrays written as raw JSON, verbs nobody knows, events for other
  * subscriptions). Events the agent publishes are kept and answered `OK true`,
- * except the next `holdOks` ones, which get no answer at all.
+ * except those `holdOk` picks, which get no answer at all.
  *
  * Like a real relay it keeps "stored" frames and sends them again after each
  * REQ, so a test can cut a connection and watch the agent resubscribe.
@@ -26,8 +26,8 @@ export interface HostileRelay {
   store(frame: (subId: string) => string): void;
   /** Events the agent published, in arrival order. */
   published: NostrEvent[];
-  /** This many of the next publishes get no OK (the publisher waits until its own timeout). */
-  holdOks: number;
+  /** Publishes it returns true for get no OK (the publisher waits until its own timeout). */
+  holdOk: (ev: NostrEvent) => boolean;
   /** Resolves once `published` has at least `n` events. */
   waitPublished(n: number, timeoutMs?: number): Promise<void>;
   close(): Promise<void>;
@@ -69,8 +69,7 @@ export async function startHostileRelay(port: number): Promise<HostileRelay> {
       } else if (msg[0] === 'EVENT' && msg[1] && typeof msg[1] === 'object') {
         const ev = msg[1] as NostrEvent;
         published.push(ev);
-        if (relay.holdOks > 0) relay.holdOks--;
-        else ws.send(JSON.stringify(['OK', ev.id, true, '']));
+        if (!relay.holdOk(ev)) ws.send(JSON.stringify(['OK', ev.id, true, '']));
         wake();
       }
     });
@@ -107,7 +106,7 @@ export async function startHostileRelay(port: number): Promise<HostileRelay> {
       stored.push(frame);
     },
     published,
-    holdOks: 0,
+    holdOk: () => false,
     waitPublished: (n, timeoutMs = 120_000) => until(() => published.length >= n, `${n} published events`, timeoutMs),
     async close() {
       for (const c of wss.clients) c.terminate();
