@@ -117,13 +117,17 @@ describe('a hostile relay', () => {
 
     // Over the hard cap: the agent drops the connection, reconnects and subscribes again.
     relay.send(eventFrame(sub1, { content: 'b'.repeat(17 * 1024 * 1024) }));
-    const sub2 = await relay.req(2, 120_000);
+    const exited = agent.proc.then((r) => {
+      throw new Error(`the agent exited (${r.exitCode}):\n${agent.output().slice(-3000)}`);
+    });
+    const sub2 = await Promise.race([relay.req(2, 120_000), exited]);
     const late = valid(20);
     for (const r of late) relay.send(eventFrame(sub2, r.event));
 
     const expected = [...plain, ...decorated, ...late];
     const answered = () => answersByRequest(relay.published, keys);
     await until(() => {
+      if (agent.proc.exitCode !== null) throw new Error(`the agent exited (${agent.proc.exitCode}):\n${agent.output().slice(-3000)}`);
       const a = answered();
       return expected.every((r) => a.has(r.requestId));
     }, 180_000, 'an answer to every valid request');
