@@ -141,8 +141,8 @@ export class Agent {
    * becomes an error reply.
    *
    * Order matters: everything before the queue is a map lookup, so a flood
-   * costs little per message, and nothing a flood sends can make a message
-   * wait longer than the bounded queue ahead of it.
+   * costs little per message, and what waits ahead of a message is bounded
+   * (a tenant's: only its own lane).
    */
   handle(msg: Inbound): Promise<void> {
     this.counts.received++;
