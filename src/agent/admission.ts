@@ -115,6 +115,36 @@ export class SenderRateLimiter {
   }
 }
 
+/**
+ * At most one notice per key per interval: the first refusal in an interval
+ * is answered, the rest are dropped, so refusing a flood never makes the
+ * agent send more than it receives. Bounded like the rate limiter's buckets.
+ */
+export class NoticeGate {
+  /** Map order is recency order. */
+  private readonly last = new Map<string, number>();
+  private readonly now: () => number;
+
+  constructor(
+    private readonly intervalMs: number,
+    private readonly maxKeys = DEFAULT_MAX_TRACKED_SENDERS,
+    now?: () => number,
+  ) {
+    this.now = now ?? Date.now;
+  }
+
+  /** True when `key` may be told now (and records it). */
+  take(key: string): boolean {
+    const now = this.now();
+    const at = this.last.get(key);
+    if (at !== undefined && now - at < this.intervalMs && now >= at) return false;
+    this.last.delete(key);
+    this.last.set(key, now);
+    while (this.last.size > this.maxKeys) this.last.delete(this.last.keys().next().value as string);
+    return true;
+  }
+}
+
 // --- spawn admission -------------------------------------------------------------
 
 export interface HostCapacity {

@@ -13,11 +13,12 @@ import { type SpawnRequest, type StatusRequest, type StopRequest } from '../prot
 import { parseAnyRequest, toUpstreamReply, type UpstreamKind } from '../protocol/upstream.js';
 import { errorReply, type AccessDetails, type PlanInfo, type Reply } from '../protocol/replies.js';
 import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
-import { Semaphore } from '../util/semaphore.js';
-import type { SenderRateLimiter, SpawnAdmission } from './admission.js';
+import { NoticeGate, type SenderRateLimiter, type SpawnAdmission } from './admission.js';
 import type { InflightJournal } from './inflight.js';
 import type { LeaseStore, Lease } from './leases.js';
 import { resolveResources, type Plan } from './plans.js';
+import { RecentIds } from './recent-ids.js';
+import { RequestQueue, type RequestQueueStats } from './request-queue.js';
 import type { SeenStore } from './seen.js';
 import { chooseTier, type TierOffer } from './tiers.js';
 
@@ -35,6 +36,38 @@ export interface Inbound {
   content: string;
   /** Time spent verifying and decrypting the DM, for the request's log line. */
   unwrapMs?: number;
+  /** When the sender says it wrote the message (unix seconds); none = now. */
+  createdAt?: number;
+}
+
+/** A request dated further ahead than this is refused with `clock_skew`. */
+export const MAX_FUTURE_SKEW_SECONDS = 300;
+/** A sender over a full queue hears `busy` at most once per this interval. */
+const BUSY_NOTICE_INTERVAL_MS = 10_000;
+/** Refused-and-unanswered message ids kept in memory (see `refuse`). */
+const REFUSED_IDS_MAX = 100_000;
+const REFUSED_IDS_TTL_MS = 6 * 3600 * 1000;
+
+/** Why a message was turned away before it ran. */
+export type RefusalReason = 'rate_limited' | 'busy' | 'clock_skew';
+
+/** Counters since start; logged periodically and at shutdown by the service. */
+export interface AgentStats {
+  /** Messages handed to `handle`. */
+  received: number;
+  /** Already taken or refused (the same request again, from another relay or wrap). */
+  duplicates: number;
+  /** Taken into the queue (ran or will run). */
+  accepted: number;
+  /** Refused and answered with the code. */
+  refused: Record<RefusalReason, number>;
+  /** Refused without an answer (the sender was answered the same moments ago). */
+  dropped: Record<'rate_limited' | 'busy', number>;
+  /** Replies and refusals handed to the outbox. */
+  answered: number;
+  /** Replies the outbox could neither send nor keep. */
+  answerFailed: number;
+  queue: RequestQueueStats;
 }
 
 export interface Route {
@@ -57,6 +90,8 @@ export interface AgentOptions {
   defaultPlan: string;
   maxContentBytes: number;
   maxConcurrentRequests: number;
+  /** Requests waiting for a slot beyond which strangers are answered `busy` (holders of a workload have a lane of the same size). */
+  maxQueuedRequests: number;
   /** How long a guest may take to become ready before it is deleted with `boot_failed`. */
   readyTimeoutMs: number;
   leases: LeaseStore;
@@ -71,7 +106,18 @@ export interface AgentOptions {
 }
 
 export class Agent {
-  private readonly limiter: Semaphore;
+  private readonly queue: RequestQueue;
+  private readonly busyNotices = new NoticeGate(BUSY_NOTICE_INTERVAL_MS);
+  private readonly refusedIds = new RecentIds(REFUSED_IDS_MAX, REFUSED_IDS_TTL_MS);
+  private readonly counts: Omit<AgentStats, 'queue'> = {
+    received: 0,
+    duplicates: 0,
+    accepted: 0,
+    refused: { rate_limited: 0, busy: 0, clock_skew: 0 },
+    dropped: { rate_limited: 0, busy: 0 },
+    answered: 0,
+    answerFailed: 0,
+  };
   private readonly log: Logger;
   /** Workloads with a stop in progress; a second stop waits for the first. */
   private readonly stopping = new Map<string, Promise<void>>();
@@ -86,33 +132,50 @@ export class Agent {
   private readonly shutdown = new AbortController();
 
   constructor(private readonly opts: AgentOptions) {
-    this.limiter = new Semaphore(opts.maxConcurrentRequests);
+    this.queue = new RequestQueue(opts.maxConcurrentRequests, opts.maxQueuedRequests);
     this.log = opts.logger;
   }
 
   /**
-   * Take one message. Returns at once for duplicates; otherwise when the reply
-   * was handed to the outbox. Never throws: every failure becomes an error reply.
+   * Take one message. Returns at once for duplicates and refusals; otherwise
+   * when the reply was handed to the outbox. Never throws: every failure
+   * becomes an error reply.
+   *
+   * Order matters: everything before the queue is a map lookup, so a flood
+   * costs little per message, and what waits ahead of a message is bounded
+   * (a tenant's: only its own lane).
    */
   handle(msg: Inbound): Promise<void> {
-    if (msg.dedupeIds.some((id) => this.opts.seen.has(id))) {
+    this.counts.received++;
+    if (msg.dedupeIds.some((id) => this.opts.seen.has(id) || this.refusedIds.has(id))) {
+      this.counts.duplicates++;
       this.log.debug({ requestId: msg.requestId }, 'duplicate message dropped');
       return Promise.resolve();
     }
-    // Before the queue and before JSON parsing: a flooding key costs a map
-    // lookup per message, and at most one small reply per token interval.
     const rate = this.opts.rateLimiter?.take(msg.sender) ?? 'allow';
-    if (rate !== 'allow') return this.refuseRate(msg, rate);
-    const job = this.limiter.run(async () => {
+    if (rate !== 'allow') return this.refuse(msg, 'rate_limited', rate === 'limited');
+    const nowSeconds = Math.floor(Date.now() / 1000);
+    if (msg.createdAt !== undefined && msg.createdAt > nowSeconds + MAX_FUTURE_SKEW_SECONDS) {
+      return this.refuse(msg, 'clock_skew', true);
+    }
+    // Holders of a workload wait in their own lane, served first: a flood of
+    // fresh keys cannot keep a tenant from stopping or checking its VM.
+    const tenant = this.opts.leases.all().some((l) => l.owner === msg.sender);
+    const before = this.queue.stats();
+    const job = this.queue.offer(async () => {
       // Claimed only when work starts: a message still queued when the agent
       // stops stays unclaimed and is read again from the relays after restart.
       if (!this.accepting) return;
       if (!(await this.claimDurably(msg))) return; // the same request from another relay got here first
       // Every line this request causes, in any module, carries its requestId.
       await withLogContext({ requestId: msg.requestId }, () => this.process(msg));
-    });
-    this.track(job);
-    return job;
+    }, { priority: tenant });
+    if (!job) return this.refuse(msg, 'busy', this.busyNotices.take(msg.sender));
+    this.counts.accepted++;
+    if (before.running >= this.opts.maxConcurrentRequests) {
+      this.log.debug({ requestId: msg.requestId, lane: tenant ? 'tenant' : 'normal', ahead: tenant ? before.queuedPriority : before.queued }, 'request queued');
+    }
+    return this.track(this.logFailure(job, msg.requestId));
   }
 
   /**
@@ -136,26 +199,83 @@ export class Agent {
     }
   }
 
-  private refuseRate(msg: Inbound, decision: 'limited' | 'drop'): Promise<void> {
-    // Claimed like any request: a refused message must not run later (replay, restart).
-    if (!this.accepting || !this.opts.seen.claim(msg.dedupeIds)) return Promise.resolve();
-    this.log.info({ requestId: msg.requestId, sender: msg.sender, answered: decision === 'limited' }, 'request refused: rate_limited');
-    if (decision === 'drop') return Promise.resolve();
+  /** `handle` never rejects: a throw outside process()'s own handling (e.g. the seen store's write) is logged, not left unhandled. */
+  private logFailure(job: Promise<void>, requestId: string): Promise<void> {
+    return job.catch((err: unknown) => {
+      this.log.error({ requestId, err: err instanceof Error ? err.message : String(err) }, 'request failed before it could be answered');
+    });
+  }
+
+  /**
+   * Turn a message away before it runs.
+   *
+   * An answered refusal is claimed in the seen store like any request: the
+   * client acts on the answer (e.g. retries with a new request), so the old
+   * one must never run later, not even after a restart re-reads the relays.
+   * It costs one append, at most once per sender per notice interval (rate
+   * limiter, busy gate) or per request a fresh key signed — no more than the
+   * reply itself costs.
+   *
+   * An unanswered refusal (the flood after the one notice) is remembered in
+   * memory only, so a flood never touches the disk. At-most-once still holds:
+   * the message did not run, and the in-memory set keeps relay duplicates
+   * from being judged again in this run. After a restart it may be read again
+   * from the relays and judged afresh; if it runs then, it runs once (claimed
+   * then). Its sender was never answered about it, so nothing they did relied
+   * on its refusal.
+   */
+  private refuse(msg: Inbound, reason: RefusalReason, answer: boolean): Promise<void> {
+    if (!this.accepting) return Promise.resolve();
+    if (!answer) {
+      this.refusedIds.add(msg.dedupeIds);
+      if (reason !== 'clock_skew') this.counts.dropped[reason]++;
+      this.log.debug({ requestId: msg.requestId, reason }, 'request dropped unanswered');
+      return Promise.resolve();
+    }
+    // A request dated ahead is remembered from its own date on: it stays
+    // refused until that date has left the subscription window, instead of
+    // running once the seen store's retention (counted from now) has passed.
+    const keepFrom = reason === 'clock_skew' ? msg.createdAt : undefined;
+    let claimed: boolean;
+    try {
+      claimed = this.opts.seen.claim(msg.dedupeIds, keepFrom);
+    } catch (err) {
+      this.log.error({ requestId: msg.requestId, err: (err as Error).message }, `request refused (${reason}) but could not be recorded; not answered`);
+      return Promise.resolve();
+    }
+    if (!claimed) return Promise.resolve();
+    this.counts.refused[reason]++;
+    this.log.info({ requestId: msg.requestId, sender: msg.sender }, `request refused: ${reason}`);
     const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
     const job = this.opts.outbox
-      .send(route, errorReply(msg.requestId, 'rate_limited', 'too many requests from this key; slow down'))
-      .catch((err: Error) => this.log.error({ err: err.message }, 'reply could not be sent'));
-    this.track(job);
-    return job;
+      .send(route, errorReply(msg.requestId, reason, REFUSAL_MESSAGES[reason]))
+      .then(
+        () => void this.counts.answered++,
+        (err: Error) => {
+          this.counts.answerFailed++;
+          this.log.error({ err: err.message }, 'reply could not be sent');
+        },
+      );
+    return this.track(job);
+  }
+
+  stats(): AgentStats {
+    return {
+      ...this.counts,
+      refused: { ...this.counts.refused },
+      dropped: { ...this.counts.dropped },
+      queue: this.queue.stats(),
+    };
   }
 
   /** A reloaded policy: plans and request limits apply from the next request on; work in flight keeps what it started with. */
-  updatePolicy(policy: Pick<AgentOptions, 'plans' | 'defaultPlan' | 'maxContentBytes' | 'maxConcurrentRequests'>): void {
+  updatePolicy(policy: Pick<AgentOptions, 'plans' | 'defaultPlan' | 'maxContentBytes' | 'maxConcurrentRequests' | 'maxQueuedRequests'>): void {
     this.opts.plans = policy.plans;
     this.opts.defaultPlan = policy.defaultPlan;
     this.opts.maxContentBytes = policy.maxContentBytes;
     this.opts.maxConcurrentRequests = policy.maxConcurrentRequests;
-    this.limiter.setLimit(policy.maxConcurrentRequests);
+    this.opts.maxQueuedRequests = policy.maxQueuedRequests;
+    this.queue.setLimits(policy.maxConcurrentRequests, policy.maxQueuedRequests);
   }
 
   /** Stop taking new work and wait for requests in flight. */
@@ -198,8 +318,10 @@ export class Agent {
     const replyStarted = Date.now();
     try {
       await this.opts.outbox.send(route, reply);
+      this.counts.answered++;
       log.info({ phase: 'reply', ms: Date.now() - replyStarted, reply: reply.type }, 'reply handed to the relays');
     } catch (err) {
+      this.counts.answerFailed++;
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
     if (journaled) await this.opts.inflight.end(msg.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
@@ -217,9 +339,18 @@ export class Agent {
     this.track(this.watchReady(lease.workloadId, this.log.child({ requestId: lease.requestId }), Math.max(left, 15_000)));
   }
 
-  private track(job: Promise<void>): void {
+  private track(job: Promise<void>): Promise<void> {
     this.pending.add(job);
-    void job.finally(() => this.pending.delete(job));
+    // Every tracked job has a handler here: a rejection (a bug in a readiness
+    // watch, say) is logged, never left unhandled to end the process.
+    job.then(
+      () => this.pending.delete(job),
+      (err: unknown) => {
+        this.pending.delete(job);
+        this.log.error({ err: err instanceof Error ? err.message : String(err) }, 'background task failed');
+      },
+    );
+    return job;
   }
 
   /**
@@ -439,6 +570,12 @@ export class Agent {
     return errorReply(requestId, 'internal_error', 'the provider failed unexpectedly; nothing was kept');
   }
 }
+
+const REFUSAL_MESSAGES: Record<RefusalReason, string> = {
+  rate_limited: 'too many requests from this key; slow down',
+  busy: 'the provider has too many requests waiting; retry in a few seconds',
+  clock_skew: `the request is dated more than ${MAX_FUTURE_SKEW_SECONDS} s in the future; check your clock and send it again`,
+};
 
 function leasePlan(lease: Lease): PlanInfo {
   return { id: lease.planId, name: lease.planName, vcpus: lease.vcpus, memory_mb: lease.memoryMb, disk_gb: lease.diskGb };

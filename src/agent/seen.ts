@@ -95,10 +95,12 @@ export class SeenStore {
   /**
    * Mark ids as taken. Returns false (and marks nothing) if any was already
    * taken, or if the claim could not be written: the caller must then drop
-   * (or, with `tryClaim`, hold) the message.
+   * (or, with `tryClaim`, hold) the message. `at` (unix seconds, default now)
+   * dates the entry: retention counts from it, so a request dated in the
+   * future can be remembered until its own date has left the window.
    */
-  claim(ids: readonly string[]): boolean {
-    return this.tryClaim(ids) === 'claimed';
+  claim(ids: readonly string[], at?: number): boolean {
+    return this.tryClaim(ids, at) === 'claimed';
   }
 
   /**
@@ -106,9 +108,9 @@ export class SeenStore {
    * `duplicate`: an id was taken before. `unrecorded`: the log could not be
    * written (disk full, I/O error): nothing is taken, retry later.
    */
-  tryClaim(ids: readonly string[]): ClaimResult {
+  tryClaim(ids: readonly string[], at?: number): ClaimResult {
     if (ids.some((id) => this.seen.has(id))) return 'duplicate';
-    const t = now();
+    const t = Math.max(now(), at ?? 0);
     const text = (this.torn ? '\n' : '') + ids.map((id) => `${t} ${id}\n`).join('');
     // Written before the request runs: a crash mid-request loses the request
     // rather than running it twice (at-most-once).

@@ -29,6 +29,8 @@ const USAGE = `usage: paygress-agent run|doctor [--config /etc/paygress-agent/pr
 
 /** 78 = EX_CONFIG: systemd shows it as a configuration failure. */
 const EX_CONFIG = 78;
+/** sysexits EX_SOFTWARE: an internal error (a bug), not the host or the config. */
+const EX_SOFTWARE = 70;
 
 async function main(argv: string[]): Promise<number> {
   const { positionals, values } = parseArgs({
@@ -73,6 +75,16 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`paygress-agent: not starting, ${blockers.length} blocking check(s) failed:\n${renderTable(blockers)}`);
     return EX_CONFIG;
   }
+  // A throw no handler caught is a bug: the state it left is unknown, so the
+  // process ends (EX_SOFTWARE) with one logged line and systemd restarts it;
+  // VMs outlive the restart and are re-adopted. Input from outside never gets
+  // here: every path that takes it has its own handler (README, Resilience).
+  const fatal = (kind: string) => (err: unknown) => {
+    logger.fatal({ err: err instanceof Error ? err.stack ?? err.message : String(err) }, `${kind}: exiting`);
+    process.exit(EX_SOFTWARE);
+  };
+  process.on('uncaughtException', fatal('uncaught exception'));
+  process.on('unhandledRejection', fatal('unhandled rejection'));
   const service = await startService(cfg, logger);
   reload = () => reloadConfig(service, values.config, logger);
   await new Promise<void>((resolve) => {

@@ -115,6 +115,12 @@ export const ConfigSchema = z
         maxContentBytes: z.number().int().min(256).max(1_048_576).default(65_536),
         /** Requests handled at the same time; more wait in line. */
         maxConcurrentRequests: z.number().int().min(1).max(256).default(8),
+        /**
+         * Requests waiting for a slot; beyond it a sender is answered `busy`
+         * (once per 10 s, then dropped). Holders of a workload wait in a
+         * separate lane of the same size, served first.
+         */
+        maxQueuedRequests: z.number().int().min(0).max(100_000).default(64),
         /** Per-sender token bucket over every request type: refill rate and burst. Over it: `rate_limited`. */
         ratePerMinute: z.number().positive().max(1_000_000).default(30),
         rateBurst: z.number().int().min(1).max(1_000_000).default(10),

@@ -18,6 +18,7 @@ import {
   verifySignedEvent,
   wasVerified,
 } from './fast-crypto.js';
+import { HEX64, isTags, isTimestamp, parseSignedEvent } from './event-shape.js';
 import { parsePublicKey } from './keys.js';
 import type { DmChannel, IncomingDm, NostrEvent } from './types.js';
 
@@ -35,13 +36,6 @@ export const KIND_NIP04_DM = 4;
 export const KIND_SEAL = 13;
 export const KIND_PRIVATE_DM = 14;
 export const KIND_GIFT_WRAP = 1059;
-
-/**
- * Bigger payloads are refused before any crypto (nip44.decrypt asks callers to
- * cap sizes). A NIP-44 plaintext is at most 64 KiB; wrapped twice in base64 and
- * JSON it stays well under this.
- */
-const MAX_CONTENT_CHARS = 256 * 1024;
 
 /** NIP-59 randomises seal and wrap timestamps up to two days into the past. */
 export const TWO_DAYS = 2 * 24 * 60 * 60;
@@ -62,43 +56,6 @@ export function dmFilter(pubkey: string, slackSeconds: number): { kinds: number[
  */
 function conversationKey(sk: Uint8Array, pubkeyHex: string): Uint8Array {
   return fastConversationKey(sk, pubkeyHex);
-}
-
-const HEX64 = /^[0-9a-f]{64}$/;
-const HEX128 = /^[0-9a-f]{128}$/;
-
-function isTags(x: unknown): x is string[][] {
-  return Array.isArray(x) && x.every((t) => Array.isArray(t) && t.every((v) => typeof v === 'string'));
-}
-
-function isTimestamp(x: unknown): x is number {
-  return typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
-}
-
-/**
- * Validate the shape of a signed event and return a fresh plain copy: what is
- * verified and decrypted below is a snapshot the caller's object (which a
- * relay handler or test may still hold and change) cannot alter midway.
- */
-function asSignedEvent(x: unknown): NostrEvent | null {
-  if (typeof x !== 'object' || x === null || Array.isArray(x)) return null;
-  const e = x as Record<string, unknown>;
-  if (typeof e.id !== 'string' || !HEX64.test(e.id)) return null;
-  if (typeof e.pubkey !== 'string' || !HEX64.test(e.pubkey)) return null;
-  if (typeof e.sig !== 'string' || !HEX128.test(e.sig)) return null;
-  if (typeof e.kind !== 'number' || !Number.isSafeInteger(e.kind) || e.kind < 0) return null;
-  if (!isTimestamp(e.created_at)) return null;
-  if (typeof e.content !== 'string' || e.content.length > MAX_CONTENT_CHARS) return null;
-  if (!isTags(e.tags)) return null;
-  return {
-    id: e.id,
-    pubkey: e.pubkey,
-    sig: e.sig,
-    kind: e.kind,
-    created_at: e.created_at,
-    content: e.content,
-    tags: e.tags.map((t) => [...t]),
-  };
 }
 
 function isTaggedFor(ev: NostrEvent, pubkey: string): boolean {
@@ -126,7 +83,7 @@ function openGiftWrap(wrap: NostrEvent, sk: Uint8Array, signatureChecked: boolea
 
   const sealStep = nip44Open(wrap.content, sk, wrap.pubkey);
   if (!sealStep.ok) return sealStep;
-  const seal = asSignedEvent(sealStep.value);
+  const seal = parseSignedEvent(sealStep.value);
   if (!seal || seal.kind !== KIND_SEAL) return { ok: false, reason: 'bad_shape' };
   if (!verifySignedEvent(seal)) return { ok: false, reason: 'bad_signature' };
 
@@ -196,7 +153,7 @@ function openNip04(ev: NostrEvent, sk: Uint8Array, signatureChecked: boolean): O
  */
 export function openDm(event: NostrEvent, sk: Uint8Array, myPubkey: string, opts: { signatureChecked?: boolean } = {}): OpenResult {
   try {
-    const ev = asSignedEvent(event);
+    const ev = parseSignedEvent(event);
     if (!ev) return { ok: false, reason: 'bad_shape' };
     if (ev.kind !== KIND_GIFT_WRAP && ev.kind !== KIND_NIP04_DM) return { ok: false, reason: 'unsupported_kind' };
     if (!isTaggedFor(ev, myPubkey)) return { ok: false, reason: 'not_for_us' };

@@ -32,6 +32,7 @@ import { base64 } from '@scure/base';
 import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
 import * as nip44 from 'nostr-tools/nip44';
+import { HEX64, HEX128 } from './event-shape.js';
 import type { NostrEvent } from './types.js';
 
 interface WasmVerifier {
@@ -130,8 +131,6 @@ export const signatureBackend: 'wasm' | 'js' = wasm ? 'wasm' : 'js';
 // --- ECDH -------------------------------------------------------------------
 
 const NIP44_SALT = Buffer.from('nip44-v2', 'utf8');
-const HEX64 = /^[0-9a-f]{64}$/;
-const HEX128 = /^[0-9a-f]{128}$/;
 const CONVERSATION_CACHE_MAX = 512;
 
 interface KeyState {

@@ -15,6 +15,7 @@
  */
 import WebSocket from 'ws';
 import { matchFilters, type Filter } from 'nostr-tools/filter';
+import { parseSignedEvent } from './event-shape.js';
 import { verifySignedEvent } from './fast-crypto.js';
 import type { Logger } from '../util/logger.js';
 import type { NostrEvent } from './types.js';
@@ -58,6 +59,13 @@ export interface SubscribeOptions {
   onEose?: (relayUrl: string) => void;
 }
 
+/**
+ * Receives each new event once. Returning exactly false means "not taken" (e.g. a
+ * full queue): the id is forgotten, so the next (re)connect's replay brings
+ * the event again.
+ */
+export type EventHandler = (ev: NostrEvent, relayUrl: string) => unknown;
+
 export interface Subscription {
   close(): void;
 }
@@ -70,6 +78,10 @@ class SeenIds {
   has(id: string, now: number): boolean {
     const exp = this.map.get(id);
     return exp !== undefined && exp > now;
+  }
+
+  delete(id: string): void {
+    this.map.delete(id);
   }
 
   add(id: string, now: number): void {
@@ -87,7 +99,7 @@ interface Sub {
   /** Filters as last sent; recomputed from `makeFilters` on every REQ. */
   filters: Filter[];
   makeFilters: () => Filter[];
-  onEvent: (ev: NostrEvent, relayUrl: string) => void;
+  onEvent: EventHandler;
   onEose?: (relayUrl: string) => void;
   seen: SeenIds;
 }
@@ -120,20 +132,43 @@ interface Pending {
 
 /** A connection that lived this long counts as healthy: the next failure starts backoff afresh. */
 const STABLE_AFTER_MS = 10_000;
-const MAX_FRAME_BYTES = 4 * 1024 * 1024;
+/**
+ * Frames above this are dropped unread (never parsed) and the connection
+ * stays: the largest event this pool accepts (event-shape's bounds) fits
+ * well within it.
+ */
+export const MAX_PARSED_FRAME_BYTES = 1024 * 1024;
+/**
+ * Frames above this close the connection (`ws` refuses to buffer them; code
+ * 1009) and the reconnect loop takes over, as after any disconnect: a bound
+ * on the memory one frame can take.
+ */
+export const MAX_FRAME_BYTES = 16 * 1024 * 1024;
 
-const HEX64 = /^[0-9a-f]{64}$/;
+/** Why a frame or an event from a relay was not delivered; counted in `stats()`. */
+export type RelayDropReason =
+  | 'oversize_frame'
+  | 'junk_frame'
+  | 'unknown_verb'
+  | 'unknown_subscription'
+  | 'bad_shape'
+  | 'filter_mismatch'
+  | 'duplicate'
+  | 'bad_signature';
 
-function isEventShape(x: unknown): x is NostrEvent {
-  if (typeof x !== 'object' || x === null) return false;
-  const e = x as Record<string, unknown>;
-  return (
-    typeof e.id === 'string' && HEX64.test(e.id) &&
-    typeof e.pubkey === 'string' && typeof e.sig === 'string' &&
-    typeof e.kind === 'number' && typeof e.created_at === 'number' &&
-    typeof e.content === 'string' &&
-    Array.isArray(e.tags) && e.tags.every((t) => Array.isArray(t) && t.every((v) => typeof v === 'string'))
-  );
+export interface RelayPoolStats {
+  /** Frames received from all relays. */
+  frames: number;
+  /** Events handed to subscribers. */
+  delivered: number;
+  dropped: Record<RelayDropReason, number>;
+  /** Handler failures caught here (a bug elsewhere, never a reason to lose the socket). */
+  handlerErrors: number;
+}
+
+function frameBytes(data: WebSocket.RawData): number {
+  if (Array.isArray(data)) return data.reduce((n, b) => n + b.length, 0);
+  return data.byteLength;
 }
 
 function frameText(data: WebSocket.RawData): string {
@@ -159,6 +194,21 @@ export class RelayPool {
   private readonly waiters = new Set<() => void>();
   private subCounter = 0;
   private started = false;
+  private readonly counts: RelayPoolStats = {
+    frames: 0,
+    delivered: 0,
+    dropped: {
+      oversize_frame: 0,
+      junk_frame: 0,
+      unknown_verb: 0,
+      unknown_subscription: 0,
+      bad_shape: 0,
+      filter_mismatch: 0,
+      duplicate: 0,
+      bad_signature: 0,
+    },
+    handlerErrors: 0,
+  };
   private closed = false;
 
   constructor(opts: RelayPoolOptions) {
@@ -203,6 +253,11 @@ export class RelayPool {
     return { added, removed: removed.map((c) => c.url) };
   }
 
+  /** Counters since start (a copy). */
+  stats(): RelayPoolStats {
+    return { ...this.counts, dropped: { ...this.counts.dropped } };
+  }
+
   connectedCount(): number {
     return this.conns.filter((c) => c.open).length;
   }
@@ -235,7 +290,7 @@ export class RelayPool {
    */
   subscribe(
     filters: Filter[] | (() => Filter[]),
-    onEvent: (ev: NostrEvent, relayUrl: string) => void,
+    onEvent: EventHandler,
     opts: SubscribeOptions = {},
   ): Subscription {
     const id = `pg-${++this.subCounter}-${Math.random().toString(36).slice(2, 8)}`;
@@ -461,15 +516,20 @@ export class RelayPool {
   // --- incoming -------------------------------------------------------------
 
   private onFrame(c: Conn, data: WebSocket.RawData): void {
+    this.counts.frames++;
+    if (frameBytes(data) > MAX_PARSED_FRAME_BYTES) {
+      this.drop(c, 'oversize_frame');
+      return;
+    }
     let msg: unknown;
     try {
       msg = JSON.parse(frameText(data));
     } catch {
-      this.log.debug({ url: c.url }, 'ignoring non-JSON frame from relay');
+      this.drop(c, 'junk_frame');
       return;
     }
     if (!Array.isArray(msg) || typeof msg[0] !== 'string') {
-      this.log.debug({ url: c.url }, 'ignoring malformed frame from relay');
+      this.drop(c, 'junk_frame');
       return;
     }
     try {
@@ -489,7 +549,7 @@ export class RelayPool {
         }
         case 'CLOSED':
           // The relay ended our subscription (auth, limits…); it is replayed on the next reconnect.
-          this.log.warn({ url: c.url, subId: String(msg[1]), reason: String(msg[2] ?? '').slice(0, 200) }, 'relay closed a subscription');
+          this.log.warn({ url: c.url, subId: String(msg[1]).slice(0, 64), reason: String(msg[2] ?? '').slice(0, 200) }, 'relay closed a subscription');
           break;
         case 'NOTICE':
           this.log.debug({ url: c.url, notice: String(msg[1] ?? '').slice(0, 200) }, 'relay notice');
@@ -498,30 +558,41 @@ export class RelayPool {
           this.log.debug({ url: c.url }, 'relay asked for NIP-42 auth; not supported');
           break;
         default:
-          this.log.debug({ url: c.url, type: msg[0].slice(0, 20) }, 'ignoring unknown relay message');
+          this.drop(c, 'unknown_verb');
       }
     } catch (err) {
       // A throwing subscriber or EOSE callback must not take the socket handler down.
+      this.counts.handlerErrors++;
       this.log.error({ url: c.url, err: (err as Error).message }, 'error while handling relay message');
     }
   }
 
-  private onEventFrame(c: Conn, subId: unknown, ev: unknown): void {
-    if (typeof subId !== 'string') return;
-    const sub = this.subs.get(subId);
-    if (!sub || !isEventShape(ev)) return;
+  private drop(c: Conn, reason: RelayDropReason): void {
+    this.counts.dropped[reason]++;
+    this.log.trace({ url: c.url, reason }, 'relay frame dropped');
+  }
+
+  private onEventFrame(c: Conn, subId: unknown, raw: unknown): void {
+    const sub = typeof subId === 'string' ? this.subs.get(subId) : undefined;
+    if (!sub) return this.drop(c, 'unknown_subscription');
+    // From here on only the signed fields exist: whatever else the relay put
+    // in the object (an unsigned field deep enough to overflow a structured
+    // clone, say) is gone before any queue, worker or subscriber sees it.
+    const ev = parseSignedEvent(raw);
+    if (!ev) return this.drop(c, 'bad_shape');
     // Relays are not trusted to filter (some ignore tag filters on live events).
-    if (!matchFilters(sub.filters, ev)) return;
+    if (!matchFilters(sub.filters, ev)) return this.drop(c, 'filter_mismatch');
     const now = Date.now();
-    if (sub.seen.has(ev.id, now)) return;
+    if (sub.seen.has(ev.id, now)) return this.drop(c, 'duplicate');
     // Verify before remembering the id: a forged copy must not shadow the real event.
     // libsecp256k1 (WASM) where possible; openDm then skips its own check of this object.
     if (this.verify && !verifySignedEvent(ev)) {
       this.log.debug({ url: c.url, eventId: ev.id, kind: ev.kind }, 'dropping event with a bad signature');
-      return;
+      return this.drop(c, 'bad_signature');
     }
     sub.seen.add(ev.id, now);
-    sub.onEvent(ev, c.url);
+    this.counts.delivered++;
+    if (sub.onEvent(ev, c.url) === false) sub.seen.delete(ev.id);
   }
 
   private onOk(c: Conn, eventId: string, ok: boolean, reason: string): void {

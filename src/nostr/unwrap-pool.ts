@@ -288,10 +288,21 @@ export class UnwrapPool {
       for (const s of this.slots) if (!s.retiring && (!best || s.inflight.size < best.inflight.size)) best = s;
       if (!best || best.inflight.size >= PER_WORKER_INFLIGHT) break;
       this.workerQueue.shift();
-      best.inflight.set(job.id, job);
       // A worker gets a copy, which fast-crypto's per-object record does not know: say what was checked here.
       const req: UnwrapRequest = { type: 'open', id: job.id, event: job.event, signatureChecked: wasVerified(job.event) };
-      best.worker.postMessage(req);
+      try {
+        best.worker.postMessage(req);
+      } catch (err) {
+        // Structured clone can throw (e.g. RangeError on a deeply nested
+        // value). Events from the relay pool hold signed fields only, so this
+        // is a bug elsewhere; the event is still opened, here, and nothing
+        // throws past this loop.
+        this.log?.error({ err: (err as Error).message }, 'could not hand an event to an unwrap worker; opening it on the main thread');
+        job.retry = true;
+        this.toMain(job);
+        continue;
+      }
+      best.inflight.set(job.id, job);
     }
     const busy = this.workerQueue.length > 0 || this.slots.some((s) => s.inflight.size > 0);
     clearTimeout(this.idleTimer);

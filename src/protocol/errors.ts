@@ -12,7 +12,8 @@ export const ERROR_CODES = [
   'spawn_failed', // the driver could not start the workload
   'rate_limited', // this sender is over its request rate
   'quota_exceeded', // this sender already holds its maximum of live workloads
-  'busy', // too many spawns in flight; try again shortly
+  'busy', // too many spawns in flight, or too many requests waiting; try again shortly
+  'clock_skew', // the request is dated more than a few minutes in the future (the sender's clock is ahead)
   'shutting_down', // the agent is stopping and takes no new work
   'internal_error', // a bug or an unexpected host failure
 ] as const;

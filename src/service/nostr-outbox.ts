@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import type { Outbox, Route } from '../agent/agent.js';
 import { sealDm } from '../nostr/dm.js';
 import type { RelayPool } from '../nostr/relays.js';
-import type { DmChannel } from '../nostr/types.js';
+import type { DmChannel, NostrEvent } from '../nostr/types.js';
 import { readJsonRecords, writeFileAtomic } from '../util/atomic-file.js';
 import type { Logger } from '../util/logger.js';
 
@@ -44,6 +44,12 @@ interface Pending {
   message: Record<string, unknown>;
   /** Unix ms after which the message is given up. */
   deadline: number;
+  /**
+   * The sealed event, made once: a retry publishes the very same event, so a
+   * relay whose OK came late (or never) and the consumer see one message,
+   * never a second copy under a new id.
+   */
+  event?: NostrEvent;
 }
 
 /** A waiting message's place in the bound, and its retry timer. */
@@ -102,7 +108,7 @@ export class NostrOutbox implements Outbox {
     const { route } = p;
     const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
     // A fresh seal per attempt: same content, new event; the consumer matches on request_id.
-    const event = sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo });
+    const event = (p.event ??= sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo }));
     try {
       const res = await this.opts.pool.publish(event);
       this.release(p.id);

@@ -29,6 +29,15 @@ const SINCE_SLACK_SECONDS = 3600;
 export const SINCE_WINDOW_SECONDS = TWO_DAYS + SINCE_SLACK_SECONDS;
 /** Remember taken ids for longer than anything the subscription can bring back. */
 const SEEN_RETENTION_SECONDS = 2 * SINCE_WINDOW_SECONDS;
+/**
+ * Events received and not yet opened; beyond it new ones are left to the
+ * relays (read again at the next reconnect or restart): opening is the one
+ * cost paid before the sender is known, so this bounds what a flood of fresh
+ * keys can queue, in memory and in waiting time.
+ */
+const MAX_UNOPENED_EVENTS = 1024;
+/** How often the counters line is logged (and once more at shutdown). */
+const STATS_INTERVAL_MS = 60_000;
 
 export interface RunningService {
   pubkey: string;
@@ -99,6 +108,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     defaultPlan: cfg.defaultPlan,
     maxContentBytes: cfg.limits.maxContentBytes,
     maxConcurrentRequests: cfg.limits.maxConcurrentRequests,
+    maxQueuedRequests: cfg.limits.maxQueuedRequests,
     readyTimeoutMs: cfg.drivers.kvm?.readyTimeoutMs ?? 300_000,
     leases,
     seen,
@@ -122,24 +132,32 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   // Quiet: DMs open on the main thread, one per event-loop turn; under a backlog
   // in worker threads (issue 7: a flood of DMs must not starve the event loop).
   const unwrap = new UnwrapPool({ sk, pubkey, logger: logger.child({ part: 'unwrap' }) });
-  const onEvent = (event: NostrEvent): void => {
+  const inbox = { unopenedDropped: 0, ignored: {} as Record<string, number>, tooOld: 0 };
+  const onEvent = (event: NostrEvent): boolean => {
+    if (unwrap.stats().pending >= MAX_UNOPENED_EVENTS) {
+      inbox.unopenedDropped++;
+      return false;
+    }
     const unwrapStarted = performance.now();
     void unwrap
       .open(event)
       .then((opened) => onOpened(event, opened, unwrapStarted))
       // The relay pool's handler guard no longer surrounds this: keep a throw from becoming an unhandled rejection.
       .catch((err: unknown) => logger.error({ eventId: event.id, err: (err as Error).message }, 'error while handling event'));
+    return true;
   };
   const onOpened = (event: NostrEvent, opened: OpenResult, unwrapStarted: number): void => {
     // Includes time queued behind other events.
     const unwrapMs = Math.round((performance.now() - unwrapStarted) * 10) / 10;
     if (!opened.ok) {
+      inbox.ignored[opened.reason] = (inbox.ignored[opened.reason] ?? 0) + 1;
       // Wraps for other keys are normal traffic on shared relays; not worth a warning.
       logger.debug({ eventId: event.id, reason: opened.reason }, 'event ignored');
       return;
     }
     const dm = opened.dm;
     if (dm.createdAt < Math.floor(Date.now() / 1000) - SINCE_WINDOW_SECONDS) {
+      inbox.tooOld++;
       logger.debug({ eventId: dm.eventId }, 'request older than the window ignored');
       return;
     }
@@ -150,8 +168,17 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       channel: dm.channel,
       content: dm.content,
       unwrapMs,
+      createdAt: dm.createdAt,
     });
   };
+
+  // One line with every counter from frame to reply: what a flood cost and where it was stopped.
+  const logStats = (msg: string): void => {
+    const { workers, pending, crashes } = unwrap.stats();
+    logger.info({ relays: pool.stats(), inbox: { ...inbox, unopened: pending, unwrapWorkers: workers, unwrapCrashes: crashes }, requests: agent.stats() }, msg);
+  };
+  const statsTimer = setInterval(() => logStats('stats'), STATS_INTERVAL_MS);
+  statsTimer.unref();
 
   pool.start();
   outbox.resume();
@@ -207,6 +234,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
         defaultPlan: after.defaultPlan,
         maxContentBytes: after.limits.maxContentBytes,
         maxConcurrentRequests: after.limits.maxConcurrentRequests,
+        maxQueuedRequests: after.limits.maxQueuedRequests,
       });
       cfg = after;
       return plan;
@@ -221,6 +249,8 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       outbox.close();
       for (const d of Object.values(drivers)) d?.close();
       await pool.close();
+      clearInterval(statsTimer);
+      logStats('stats at shutdown');
       logger.info('agent stopped; workloads keep running');
     },
   };

@@ -92,6 +92,7 @@ export class Harness {
       defaultPlan: 'small',
       maxContentBytes: 64 * 1024,
       maxConcurrentRequests: 8,
+      maxQueuedRequests: 64,
       readyTimeoutMs: 60_000,
       leases: this.leases,
       seen: this.seen,

@@ -104,6 +104,15 @@ describe('UnwrapPool', () => {
     expect(p.stats().openedInWorkers).toBeGreaterThan(0);
   });
 
+  it('an event no structured clone can copy (an unsigned 20 000-deep field) is opened anyway, on the main thread', async () => {
+    const p = pool({ minBacklog: 0, size: 1 });
+    const deep = JSON.parse('['.repeat(20_000) + ']'.repeat(20_000)) as unknown;
+    const events = validEvents(['a', 'b', 'c', 'd', 'e', 'f']).map((e, i) => (i % 2 === 0 ? Object.assign(wire(e), { extra: deep }) : wire(e)));
+    const results = await Promise.all(events.map((e) => p.open(e)));
+    expect(results.every((r) => r.ok)).toBe(true);
+    expect(p.stats().openedOnMain).toBeGreaterThanOrEqual(3);
+  });
+
   it('starts no worker until more than minBacklog events wait', async () => {
     const p = pool({ minBacklog: 6, size: 1 });
     const events = validEvents(Array.from({ length: 20 }, (_, i) => `m${i}`));

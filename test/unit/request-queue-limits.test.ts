@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { Semaphore } from '../../src/util/semaphore.js';
+import { RequestQueue } from '../../src/agent/request-queue.js';
 
 /** A job that runs until `release()` is called. */
 function gate(): { job: () => Promise<void>; started: boolean; release: () => void } {
@@ -18,17 +18,17 @@ function gate(): { job: () => Promise<void>; started: boolean; release: () => vo
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
-describe('Semaphore.setLimit (config reload)', () => {
+describe('RequestQueue.setLimits (config reload)', () => {
   it('a raised limit starts waiting jobs at once; a lowered one holds new jobs until enough finish', async () => {
-    const sem = new Semaphore(1);
+    const queue = new RequestQueue(1, 10);
     const jobs = [gate(), gate(), gate(), gate()];
-    const runs = jobs.map((g) => sem.run(g.job));
+    const runs = jobs.map((g) => queue.offer(g.job, { priority: false })!);
     await tick();
     expect(jobs.map((g) => g.started)).toEqual([true, false, false, false]);
-    sem.setLimit(3);
+    queue.setLimits(3, 10);
     await tick();
     expect(jobs.map((g) => g.started)).toEqual([true, true, true, false]);
-    sem.setLimit(1);
+    queue.setLimits(1, 10);
     jobs[0]!.release();
     jobs[1]!.release();
     await tick();
