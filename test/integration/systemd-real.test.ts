@@ -206,6 +206,7 @@ describe('the unit under a real systemd (nspawn)', () => {
     const before = await mainPid();
     const next = structuredClone(config);
     next.relays = [relays[0], relays[1]];
+    next.plans = [...config.plans, { ...config.plans[0], id: 'second', name: 'Second' }];
     next.limits = { maxVms: 1 };
     next.logLevel = 'debug';
     next.stateDir = '/var/lib/paygress-agent-elsewhere';
@@ -213,11 +214,12 @@ describe('the unit under a real systemd (nspawn)', () => {
     await sh(`systemctl reload ${UNIT}`);
     await until(async () => (await journal()).includes('config reloaded'), 30_000, 'config reloaded');
     const log = await journal();
-    expect(log).toMatch(/config reloaded: .*limits\.maxVms/);
+    expect(log).toMatch(/config reloaded: .*limits\.maxVms.*plans.*relays/);
     expect(log).toMatch(/config reload: stateDir changed but needs a restart; kept as running/);
     expect(await mainPid()).toBe(before);
-    // Through the relay that was just added: the new limit already holds (one VM runs).
-    const refused = await consumer(['spawn'], relays[1], 60);
+    // Through the relay that was just added, for the plan that was just added
+    // (else `unknown_plan`): the new limit already holds (one VM runs).
+    const refused = await consumer(['spawn', '--plan', 'second'], relays[1], 60);
     expect(refused.replies[0]?.type, refused.stderr).toBe('error');
     expect(refused.replies[0]?.code).toBe('capacity_exhausted');
 

@@ -146,11 +146,12 @@ export async function bootContainer(opts: { tarball: string; netns: string; bind
       });
       return { exitCode: r.exitCode ?? -1, stdout: String(r.stdout), stderr: String(r.stderr) };
     };
-    // PID 1 exists before its bus does: ask until systemctl gets an answer.
+    // PID 1 exists before its bus and before /run/systemd/system (until then
+    // systemctl says "offline"): ask until it gives a real answer.
     let state = { exitCode: -1, stdout: '', stderr: '' };
     await until(async () => {
       state = await run(['systemctl', 'is-system-running', '--wait'], { timeoutMs: 60_000 });
-      return !/Failed to connect to bus/.test(state.stderr);
+      return !/Failed to connect to bus/.test(state.stderr) && state.stdout.trim() !== 'offline';
     }, 60_000, 'the container system bus');
     if (!/running|degraded/.test(state.stdout)) throw new Error(`container did not boot: ${state.stdout} ${state.stderr} ${console_}`);
     return { root, leader, run, destroy };

@@ -609,8 +609,9 @@ export class KvmDriver implements ComputeDriver {
     try {
       const [ret] = await runQmp(vmFile(dir, 'qmpSocket'), readConsoleRing(), 2000);
       chunk = Buffer.from(typeof ret === 'string' ? ret : '', 'base64');
-    } catch {
+    } catch (err) {
       // qemu gone (its ring with it) or no ring (an older VM): what is kept is all there is.
+      this.logger.debug({ workloadId: id, err: (err as Error).message }, 'console ring not read');
       return kept.text.toString('utf8');
     }
     if (chunk.length === 0 && !kept.dirty) return kept.text.toString('utf8');
