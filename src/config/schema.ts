@@ -55,6 +55,17 @@ export const AdmissionSchema = z.object({
   maxLeaseSeconds: z.number().int().min(60).default(7 * 24 * 3600),
 });
 
+/** The provider's Cashu wallet. See docs/payment.md. */
+export const PaymentSchema = z.object({
+  /** Mints whose tokens are accepted (http(s) URLs; compared after normalising case and trailing slash). Tokens of other mints are refused without contacting them. */
+  whitelistedMints: z
+    .array(z.string().regex(/^https?:\/\/[^\s?#@]+$/, 'must be an http(s) mint URL without query, fragment or credentials'))
+    .max(32)
+    .default([]),
+  /** Timeout of each request to a mint; a swap that times out is settled from the wallet journal. */
+  mintTimeoutMs: z.number().int().min(1000).max(120_000).default(10_000),
+});
+
 export const KvmConfigSchema = z.object({
   qemuBinary: z.string().default('qemu-system-x86_64'),
   qemuImgBinary: z.string().default('qemu-img'),
@@ -157,6 +168,7 @@ export const ConfigSchema = z
     drivers: z.object({ kvm: KvmConfigSchema.optional() }),
     discovery: DiscoverySchema.prefault({}),
     admission: AdmissionSchema.prefault({}),
+    payment: PaymentSchema.prefault({}),
   })
   .superRefine((cfg, ctx) => {
     if (!cfg.plans.some((p) => p.id === cfg.defaultPlan)) {
@@ -182,3 +194,4 @@ export type PlanConfig = z.infer<typeof PlanSchema>;
 export type KvmConfig = z.infer<typeof KvmConfigSchema>;
 export type DiscoveryConfig = z.infer<typeof DiscoverySchema>;
 export type AdmissionConfig = z.infer<typeof AdmissionSchema>;
+export type PaymentConfig = z.infer<typeof PaymentSchema>;

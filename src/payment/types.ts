@@ -63,13 +63,15 @@ export interface Payments {
    * A token worth `msats` (rounded down to the unit) from the wallet's proofs
    * at `mint`, for a consumer. Proofs leave the wallet only once the token is
    * written to durable state; idempotent per `ref` (a retry after a crash
-   * returns the same token).
+   * returns the same token). `unit`: the unit the consumer paid in (default:
+   * the unit the wallet holds at `mint`, sat first). '' when `msats` is less
+   * than one unit: nothing to refund.
    */
-  refund(mint: string, msats: number, ref: string): Promise<string>;
+  refund(mint: string, msats: number, ref: string, unit?: 'sat' | 'msat'): Promise<string>;
   /** Balance per mint and unit. */
   balance(): Promise<Array<{ mint: string; unit: 'sat' | 'msat'; amount: number }>>;
   /** A token of `amount` (all if omitted) for the operator; proofs leave only once the token is written out. */
-  withdraw(mint: string, amount?: number): Promise<string>;
+  withdraw(mint: string, amount?: number, unit?: 'sat' | 'msat'): Promise<string>;
   /** Called once at start: restore from the deterministic seed and settle half-done swaps/refunds. */
   recover(): Promise<void>;
 }
