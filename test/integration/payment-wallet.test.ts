@@ -139,6 +139,19 @@ describe('provider wallet', () => {
     expect(await wallet.refund(mint.url, 500, 'req-tiny', 'sat')).toBe('');
   });
 
+  it('a refund written out but the purse not yet rewritten (a crash between the two): recover() takes its proofs out', async () => {
+    const wallet = newWallet();
+    await wallet.redeem(await consumerToken(mint, 100), 'req-r');
+    const purse = wallet.store.purses()[0]!;
+    const leaving = purse.proofs.find((p) => p.amount === 32)!;
+    const token = getEncodedToken({ mint: mint.url, unit: 'sat', proofs: [leaving] as never });
+    await wallet.store.putIssued('refund', { ref: 'req-r', mint: mint.url, unit: 'sat', amount: 32, token, secrets: [leaving.secret], at: new Date().toISOString() });
+    expect(await wallet.balance()).toEqual([{ mint: mint.url, unit: 'sat', amount: 99 }]);
+    await wallet.recover();
+    expect(await wallet.balance()).toEqual([{ mint: mint.url, unit: 'sat', amount: 99 - 32 }]);
+    expect(await wallet.refund(mint.url, 32_000, 'req-r')).toBe(token);
+  });
+
   it('withdraw writes the token under the state dir first; another wallet redeems it', async () => {
     const wallet = newWallet();
     await wallet.redeem(await consumerToken(mint, 64), 'req-w1');
