@@ -128,7 +128,7 @@ export class PaymentFlow {
     if (nextStep(record) !== 'refund') return { paidMsats, refundMsats, ...(record.refundToken ? { refundToken: record.refundToken } : {}) };
     try {
       await this.opts.journal.put({ ...record, phase: 'refunding' });
-      const refundToken = await this.opts.payments.refund(record.mint, refundMsats, record.ref);
+      const refundToken = await this.opts.payments.refund(record.mint, refundMsats, record.ref, record.unit);
       // The wallet refunds in the unit paid, rounded down: what is below one sat cannot travel and stays.
       const given = refundToken ? (record.unit === 'sat' ? Math.floor(refundMsats / 1000) * 1000 : refundMsats) : 0;
       await this.opts.journal.put({ ...record, phase: 'refunded', refundMsats: given, ...(refundToken ? { refundToken } : {}) });

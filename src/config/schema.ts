@@ -171,6 +171,9 @@ export const ConfigSchema = z
     payment: PaymentSchema.prefault({}),
   })
   .superRefine((cfg, ctx) => {
+    if (cfg.admission.mode === 'paid' && cfg.payment.whitelistedMints.length === 0) {
+      ctx.addIssue({ code: 'custom', path: ['payment', 'whitelistedMints'], message: 'must name at least one mint when admission.mode is paid' });
+    }
     if (!cfg.plans.some((p) => p.id === cfg.defaultPlan)) {
       ctx.addIssue({ code: 'custom', path: ['defaultPlan'], message: `must be the id of one of the plans (${cfg.plans.map((p) => p.id).join(', ')})` });
     }
