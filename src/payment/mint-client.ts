@@ -24,6 +24,8 @@ import type { PaymentUnit } from './token.js';
 /** NUT error codes the wallet acts on (cashubtc/nuts error_codes.md). */
 export const NUT_PROOFS_SPENT = 11001;
 export const NUT_PROOFS_PENDING = 11002;
+const NUT_PROOF_VERIFICATION_FAILED = 10001;
+const NUT_KEYSET_UNKNOWN = 12001;
 
 /** An HTTP request function for cashu-ts: JSON in and out, a per-request timeout, mint errors as MintOperationError. */
 export function requestWithTimeout(timeoutMs: number): RequestFn {
@@ -72,6 +74,8 @@ export function toPaymentError(err: unknown): PaymentError {
   if (err instanceof MintOperationError) {
     if (err.code === NUT_PROOFS_SPENT) return new PaymentError('token_already_spent', 'the token was already spent');
     if (err.code === NUT_PROOFS_PENDING) return new PaymentError('token_pending', 'the token is pending at its mint; try again later');
+    if (err.code === NUT_PROOF_VERIFICATION_FAILED || err.code === NUT_KEYSET_UNKNOWN)
+      return new PaymentError('invalid_token', 'the mint does not recognise the token as its own');
     return new PaymentError('mint_error', `the mint refused (code ${err.code})`);
   }
   if (err instanceof NetworkError) return new PaymentError('mint_network_error', 'the mint could not be reached');

@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { execa } from 'execa';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { bytesToHex } from '@noble/hashes/utils.js';
-import { getEncodedToken, getDecodedToken, Wallet } from '@cashu/cashu-ts';
+import { getEncodedToken, getDecodedToken, hasValidDleq, Wallet } from '@cashu/cashu-ts';
 import { CashuPayments } from '../../src/payment/wallet.js';
 import { PaymentError } from '../../src/payment/types.js';
 import { silentLogger } from '../../src/util/logger.js';
@@ -116,6 +116,21 @@ describe('provider wallet', () => {
     expect(foreign.requests).toEqual([]);
     expect(await code(wallet.quote('cashuBnot-a-token'))).toBe('invalid_token');
     expect(await code(wallet.quote('hello'))).toBe('invalid_token');
+  });
+
+  it('the mint checks signatures: a forged proof is refused (invalid_token), the real ones stay unspent; its DLEQ proofs verify', async () => {
+    const consumer = new Wallet(mint.url, { unit: 'sat' });
+    await consumer.loadMint();
+    const proofs = await consumer.mintProofsBolt11(9, await consumer.createMintQuoteBolt11(9));
+    const keyset = consumer.keyChain.getKeyset(proofs[0]!.id);
+    for (const p of proofs) expect(hasValidDleq(p, keyset)).toBe(true);
+    // Without DLEQ proofs the wallet cannot tell offline: the refusal (NUT code 10001) comes from the mint.
+    const forged = proofs.map(({ dleq: _dleq, ...p }, i) => (i === 0 ? { ...p, C: proofs[1]!.C } : p));
+    const token = getEncodedToken({ mint: mint.url, unit: 'sat', proofs: forged });
+    const swapsBefore = mint.requests.filter((r) => r.path === '/v1/swap').length;
+    expect(await code(newWallet().redeem(token, 'req-forged'))).toBe('invalid_token');
+    expect(mint.requests.filter((r) => r.path === '/v1/swap').length).toBe(swapsBefore + 1);
+    for (const p of proofs) expect(mint.stateOf(p.secret)).toBe('UNSPENT');
   });
 
   it('msat tokens are counted in msats', async () => {
