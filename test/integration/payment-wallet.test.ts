@@ -204,6 +204,23 @@ describe('provider wallet', () => {
     expect(mint.requests.some((r) => r.path === '/v1/restore')).toBe(true);
   });
 
+  it('a mint with version-0 keyset ids (BIP32-derived secrets, older mints) works too: redeem and restore', async () => {
+    const old = new TestMint({ port: 47402, keysetVersion: 0 });
+    await old.start();
+    try {
+      expect(old.keysets[0]!.id).toMatch(/^00[0-9a-f]{14}$/);
+      const wallet = new CashuPayments({ stateDir: mkdtempSync(join(tmpdir(), 'paymint-')), seed: randomBytes(64), whitelistedMints: [old.url], logger: silentLogger });
+      old.afterSwap = () => {
+        old.afterSwap = undefined;
+        throw new DropConnection();
+      };
+      expect(await wallet.redeem(await consumerToken(old, 6), 'req-v0')).toEqual({ mint: old.url, unit: 'sat', msats: 6000 });
+      expect(await wallet.balance()).toEqual([{ mint: old.url, unit: 'sat', amount: 6 }]);
+    } finally {
+      await old.stop();
+    }
+  });
+
   it('SIGKILL between the swap and saving its outputs: recover() restores the money, the ref answers as paid', async () => {
     const stateDir = mkdtempSync(join(tmpdir(), 'paymint-'));
     const seed = randomBytes(64);

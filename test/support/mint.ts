@@ -31,6 +31,8 @@ export interface TestMintOptions {
   inputFeePpk?: number;
   /** Attach a DLEQ proof to every signature (NUT-12); default true. */
   dleq?: boolean;
+  /** NUT-02 keyset id version: 1 (`01…`, HMAC-derived wallet secrets, what current mints publish; default) or 0 (`00…`, BIP32). */
+  keysetVersion?: 0 | 1;
 }
 
 export interface LoggedRequest {
@@ -81,7 +83,7 @@ export class TestMint {
   readonly requests: LoggedRequest[] = [];
   /** While true, swaps answer "proofs are pending" (11002) and checkstate says PENDING for their inputs. */
   pending = false;
-  /** Called after a swap's inputs are marked spent and outputs signed, before the answer goes out; a throw drops the connection. */
+  /** Called after a swap's inputs are marked spent and outputs signed, before the answer goes out; throwing DropConnection drops the connection. */
   afterSwap: (() => void) | undefined;
   private readonly spent = new Set<string>();
   private readonly pendingYs = new Set<string>();
@@ -96,7 +98,7 @@ export class TestMint {
     const feePpk = options.inputFeePpk ?? 0;
     this.dleq = options.dleq ?? true;
     this.keysets = (options.units ?? ['sat']).map((unit) => {
-      const pair = createNewMintKeys(32, randomBytes(32), { unit, input_fee_ppk: feePpk, versionByte: 0 });
+      const pair = createNewMintKeys(32, randomBytes(32), { unit, input_fee_ppk: feePpk, versionByte: options.keysetVersion ?? 1 });
       const pubKeys: Record<string, string> = {};
       for (const [amount, key] of Object.entries(pair.pubKeys)) pubKeys[amount] = bytesToHex(key);
       return { id: pair.keysetId, unit, inputFeePpk: feePpk, privKeys: pair.privKeys, pubKeys };
