@@ -20,7 +20,7 @@ const USAGE = `usage: paygress-agent run|doctor|wallet [--config /etc/paygress-a
            fix for each problem. Exit 0 when nothing blocks, 78 otherwise.
            --json prints the rows as JSON instead.
 
-  wallet   balance | withdraw: the provider's Cashu wallet (works while
+  wallet   balance | withdraw | restore: the provider's Cashu wallet (works while
            the service runs); see \`paygress-agent wallet --help\`
 
   --config  also PAYGRESS_CONFIG; the key file path can be overridden with

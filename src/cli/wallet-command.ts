@@ -13,12 +13,16 @@ import { silentLogger } from '../util/logger.js';
 
 export const WALLET_USAGE = `usage: paygress-agent wallet balance [--json]
        paygress-agent wallet withdraw [--mint URL] [--amount N] [--unit sat|msat] [--json]
+       paygress-agent wallet restore [--json]
 
   balance   what the provider's wallet holds, per mint and unit
   withdraw  a Cashu token of N (all if omitted) from the wallet, printed on
             stdout; it is written to <stateDir>/wallet/withdrawals/ before
             its proofs leave the wallet. --mint may be left out when the
             wallet holds money at one mint only.
+  restore   after losing <stateDir>/wallet/ (not the provider key): ask each
+            whitelisted mint for the outputs derived from the wallet seed
+            (NUT-09) and put the unspent ones back.
 `;
 
 export interface WalletArgs {
@@ -31,7 +35,7 @@ export interface WalletArgs {
 
 /** Runs the command; returns the exit code (64 on a usage error). */
 export async function walletCommand(cfg: Config, args: WalletArgs, out: NodeJS.WritableStream, err: NodeJS.WritableStream): Promise<number> {
-  if (args.action !== 'balance' && args.action !== 'withdraw') {
+  if (args.action !== 'balance' && args.action !== 'withdraw' && args.action !== 'restore') {
     err.write(WALLET_USAGE);
     return 64;
   }
@@ -51,6 +55,17 @@ export async function walletCommand(cfg: Config, args: WalletArgs, out: NodeJS.W
   becomeStateDirOwner(cfg.stateDir);
   const payments = createPayments({ stateDir: cfg.stateDir, providerSecretKey: sk, config: cfg.payment, logger: silentLogger });
   try {
+    if (args.action === 'restore') {
+      if (cfg.payment.whitelistedMints.length === 0) {
+        err.write('paygress-agent wallet: payment.whitelistedMints is empty; nothing to restore from\n');
+        return 1;
+      }
+      const found = await payments.restoreFromSeed();
+      if (args.json) out.write(`${JSON.stringify(found)}\n`);
+      else if (found.length === 0) out.write('nothing to restore\n');
+      else for (const f of found) out.write(`restored ${f.amount} ${f.unit}\t${f.mint}\n`);
+      return 0;
+    }
     const balances = await payments.balance();
     if (args.action === 'balance') {
       if (args.json) out.write(`${JSON.stringify(balances)}\n`);

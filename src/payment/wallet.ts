@@ -168,6 +168,44 @@ export class CashuPayments implements Payments {
     });
   }
 
+  /**
+   * Disaster recovery when the wallet folder is lost but the provider key is
+   * not: scan every sat/msat keyset of each whitelisted mint with NUT-09
+   * restore from counter 0 until `gapLimit` unused counters in a row, keep the
+   * unspent proofs not handed out in a token, and move the counters past the
+   * last one used. Returns what was added per mint and unit.
+   */
+  async restoreFromSeed(gapLimit = 300): Promise<Array<{ mint: string; unit: PaymentUnit; amount: number }>> {
+    return this.store.lock(async () => {
+      const found: Array<{ mint: string; unit: PaymentUnit; amount: number }> = [];
+      const issued = this.store.issuedSecrets();
+      for (const mint of this.whitelist) {
+        const metadata = await this.mints.refresh(mint);
+        for (const keyset of this.mints.keysets(metadata)) {
+          if (keyset.unit !== 'sat' && keyset.unit !== 'msat') continue;
+          const unit = keyset.unit;
+          const wallet = this.mints.wallet(metadata, unit, this.seed, this.counterSource([]));
+          let restored;
+          try {
+            restored = await wallet.batchRestore(gapLimit, gapLimit, 0, keyset.id);
+          } catch (err) {
+            throw toPaymentError(err);
+          }
+          if (restored.lastCounterWithSignature !== undefined) await wallet.counters.advanceToAtLeast(keyset.id, restored.lastCounterWithSignature + 1);
+          let proofs = restored.proofs.map(stored).filter((p) => !issued.has(p.secret));
+          if (proofs.length === 0) continue;
+          const states = await wallet.checkProofsStates(proofs);
+          proofs = proofs.filter((_, i) => states[i]?.state === 'UNSPENT');
+          const before = sum(this.store.purse(mint, unit).proofs);
+          const after = sum((await this.store.updatePurse(mint, unit, { add: proofs })).proofs);
+          if (after > before) found.push({ mint, unit, amount: after - before });
+        }
+      }
+      this.log.info({ found }, 'wallet restored from the seed');
+      return found;
+    });
+  }
+
   /** The offline checks of `quote`, keeping the decoded proofs for the swap. */
   private async inspect(token: string): Promise<InspectedToken> {
     const header = readTokenHeader(token, this.whitelist);
