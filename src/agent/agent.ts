@@ -326,12 +326,11 @@ export class Agent {
    */
   private async topup(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome): Promise<Reply> {
     const flow = this.opts.payment;
+    if (this.opts.admissionMode !== 'paid' || !flow) throw new RequestError('payment_required', 'this provider does not sell extensions');
     const lease = this.ownedLease(req.workload_id, msg.sender);
     if (this.isStopping(lease.workloadId) || secondsLeft(lease) <= 0) throw new RequestError('not_found', `no workload ${req.workload_id} for this key`);
     const plan = this.opts.plans.find((p) => p.id === lease.planId);
-    if (this.opts.admissionMode !== 'paid' || !flow || !plan || !plan.rateMsatsPerSec) {
-      throw new RequestError('payment_required', 'this provider does not sell extensions for this workload');
-    }
+    if (!plan?.rateMsatsPerSec) throw new RequestError('payment_required', 'this workload\'s plan is free: it cannot be extended');
     const ctx = { ref: msg.requestId, kind: 'topup' as const, sender: msg.sender, channel: msg.channel, dialect, workloadId: lease.workloadId };
     const payment = await flow.charge(ctx, req.cashu_token, plan.rateMsatsPerSec, topupCapSeconds(secondsLeft(lease), flow.policy));
     const seconds = payment.seconds ?? 0;

@@ -95,7 +95,7 @@ export class PaymentFlow {
       throw asRequestErrorOf(err);
     }
     // The fees the quote assumed may have changed at the mint: the terms are recomputed on what arrived.
-    const terms = leaseTerms(received.msats, rateMsatsPerSec, capSeconds, this.opts.policy);
+    const terms = leaseTerms(received.msats, rateMsatsPerSec, capSeconds, this.opts.policy, received.unit === 'sat' ? 1000 : 1);
     record = { ...record, token: undefined, phase: 'redeemed', msats: received.msats };
     if (terms.ok) record = { ...record, seconds: terms.seconds, refundMsats: terms.refundMsats };
     else record = settle(record, false, { code: 'insufficient_payment', message: 'the swap at the mint left less than the minimum; refunded' });

@@ -23,18 +23,23 @@ export type Terms =
 /**
  * Seconds bought by `paidMsats` at `rateMsatsPerSec`, capped at `capSeconds`
  * (the policy's maximum minus what the lease already holds); everything not
- * charged is refunded. A rate of 0 is a free plan: it has no terms to compute
- * and must not reach here (callers take no payment for it).
+ * charged is refunded. A refund travels in whole units of the token
+ * (`unitMsats`: 1000 for sat): what is left below one unit buys seconds
+ * instead, even past the cap, so only less than one second's price is kept.
+ * A rate of 0 is a free plan: it has no terms to compute and must not reach
+ * here (callers take no payment for it).
  */
-export function leaseTerms(paidMsats: number, rateMsatsPerSec: number, capSeconds: number, policy: PricingPolicy): Terms {
+export function leaseTerms(paidMsats: number, rateMsatsPerSec: number, capSeconds: number, policy: PricingPolicy, unitMsats = 1): Terms {
   if (!Number.isSafeInteger(rateMsatsPerSec) || rateMsatsPerSec <= 0) throw new RangeError('a free plan has no lease terms');
   const paid = Math.max(0, Math.floor(paidMsats));
   if (capSeconds < policy.minimumSeconds) return { ok: false, reason: 'at_maximum', neededMsats: minimumMsats(rateMsatsPerSec, policy) };
   const bought = Math.floor(paid / rateMsatsPerSec);
   if (bought < policy.minimumSeconds) return { ok: false, reason: 'insufficient_payment', neededMsats: minimumMsats(rateMsatsPerSec, policy) };
-  const seconds = Math.min(bought, Math.floor(capSeconds));
-  const chargedMsats = seconds * rateMsatsPerSec;
-  return { ok: true, seconds, chargedMsats, refundMsats: paid - chargedMsats };
+  const capped = Math.min(bought, Math.floor(capSeconds));
+  const surplus = paid - capped * rateMsatsPerSec;
+  const refundMsats = surplus - (surplus % unitMsats);
+  const seconds = capped + Math.floor((surplus - refundMsats) / rateMsatsPerSec);
+  return { ok: true, seconds, chargedMsats: seconds * rateMsatsPerSec, refundMsats };
 }
 
 /** Seconds a top-up may still add to a lease with `secondsLeft` before it hits the maximum. */

@@ -28,12 +28,27 @@ describe('what a payment buys', () => {
     expect(() => leaseTerms(1000, 0, 3600, policy)).toThrow(RangeError);
   });
 
+  it('refunds whole units only; what is left below one sat buys seconds rather than staying with the provider', () => {
+    // 400 sat at 100 msat/s with room for 3001 s: 99.9 sat over the cap → 99 sat back, 0.9 sat = 9 s more.
+    expect(leaseTerms(400_000, 100, 3001, policy, 1000)).toEqual({ ok: true, seconds: 3010, chargedMsats: 301_000, refundMsats: 99_000 });
+    // Less than one second's price cannot become time: at most that is kept.
+    const t = leaseTerms(400_050, 100, 3001, policy, 1000);
+    expect(t).toMatchObject({ ok: true, seconds: 3010, refundMsats: 99_000 });
+    if (t.ok) expect(400_050 - t.chargedMsats - t.refundMsats).toBeLessThan(100);
+  });
+
   it('never refunds more than was paid nor charges more than was paid, whatever the numbers', () => {
     for (let paid = 0; paid < 5000; paid += 37) {
       for (const rate of [1, 3, 7, 10, 1000]) {
         const t = leaseTerms(paid, rate, 3600, policy);
         if (!t.ok) continue;
         expect(t.chargedMsats + t.refundMsats).toBe(paid);
+        const inSats = leaseTerms(paid, rate, 3600, policy, 1000);
+        if (!inSats.ok) continue;
+        expect(inSats.refundMsats % 1000).toBe(0);
+        const kept = paid - inSats.chargedMsats - inSats.refundMsats;
+        expect(kept).toBeGreaterThanOrEqual(0);
+        expect(kept).toBeLessThan(rate);
         expect(t.chargedMsats).toBe(t.seconds * rate);
         expect(t.seconds).toBeLessThanOrEqual(3600);
       }
