@@ -92,6 +92,7 @@ interface MintMetadata {
 /** Per-mint metadata: from memory, else the wallet folder, else (only for whitelisted mints) the mint itself. */
 export class MintDirectory {
   private readonly memory = new Map<string, MintMetadata>();
+  private readonly refreshedAt = new Map<string, number>();
 
   constructor(
     private readonly store: WalletStore,
@@ -109,8 +110,14 @@ export class MintDirectory {
     return undefined;
   }
 
+  /** Whether the metadata was fetched less than `ms` ago by this process: a token naming an unknown keyset then does not trigger another fetch. */
+  refreshedWithin(mint: string, ms: number): boolean {
+    return Date.now() - (this.refreshedAt.get(mint) ?? 0) < ms;
+  }
+
   /** Fetch info, keysets and keys from the mint and cache them. The caller has checked the whitelist. */
   async refresh(mint: string): Promise<MintMetadata> {
+    this.refreshedAt.set(mint, Date.now());
     const client = new Mint(mint, { customRequest: this.request });
     try {
       const info = await client.getInfo();

@@ -29,6 +29,9 @@ export interface CashuPaymentsOptions {
 /** Records of received payments are kept this long: they answer retries after a crash, nothing else. */
 const RECEIVED_RECORD_MS = 30 * 24 * 3600 * 1000;
 
+/** Least time between two fetches of a mint's keysets caused by tokens naming keysets not in the cache. */
+const KEYSET_REFRESH_MS = 60_000;
+
 type SettleOutcome = 'restored' | 'untouched' | 'spent_elsewhere' | 'pending';
 
 interface InspectedToken {
@@ -214,6 +217,8 @@ export class CashuPayments implements Payments {
     let proofs = readTokenProofs(token, keysets.map((k) => k.id));
     if (proofs.some((p) => !keysets.some((k) => k.id === p.id))) {
       // A keyset the cache does not know: the mint may have rotated keys since.
+      // At most one refetch a minute, so made-up keyset ids cannot turn tokens into requests to the mint.
+      if (this.mints.refreshedWithin(header.mint, KEYSET_REFRESH_MS)) throw new PaymentError('invalid_token', 'the token names a keyset its mint does not publish');
       metadata = await this.mints.refresh(header.mint);
       keysets = this.mints.keysets(metadata);
       proofs = readTokenProofs(token, keysets.map((k) => k.id));

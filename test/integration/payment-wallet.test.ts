@@ -115,6 +115,14 @@ describe('provider wallet', () => {
     expect(await code(wallet.redeem(foreignToken, 'req-foreign'))).toBe('non_whitelisted_mint');
     expect(foreign.requests).toEqual([]);
     expect(await code(wallet.quote('cashuBnot-a-token'))).toBe('invalid_token');
+
+    // Keyset ids the mint never published: the keysets were fetched moments ago, so no request is sent for them.
+    await wallet.quote(await consumerToken(mint, 1));
+    const madeUp = getEncodedToken({ mint: mint.url, unit: 'sat', proofs: [{ id: '00ffffffffffffff', amount: 1, secret: 's', C: `02${'11'.repeat(32)}` }] as never });
+    const before = mint.requests.length;
+    expect(await code(wallet.quote(madeUp))).toBe('invalid_token');
+    expect(await code(wallet.quote(madeUp))).toBe('invalid_token');
+    expect(mint.requests.length).toBe(before);
     expect(await code(wallet.quote('hello'))).toBe('invalid_token');
   });
 
