@@ -246,20 +246,48 @@ export class Agent {
     // Shutting down is not a boot failure: the VM stays, the next run re-adopts it.
     if (this.shutdown.signal.aborted || this.isStopping(workloadId) || !this.opts.leases.get(workloadId)) return;
     log.warn({ workloadId, reason: result.reason, ms: result.ms }, 'workload failed to boot');
+    const message =
+      result.reason === 'died'
+        ? 'the VM stopped during boot; it was deleted'
+        : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`;
+    // Nothing was delivered: what the lease holds goes back, journaled before the VM (and its lease) goes.
+    const owed = await this.oweForBootFailure(this.opts.leases.get(workloadId) ?? lease, message, log);
     await this.destroyLease(lease, log).catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
-    if (lease.dialect === 'upstream') return;
-    await this.opts.outbox
-      .send(route, {
-        type: 'boot_failed',
-        ...base,
-        reason: result.reason,
-        message:
-          result.reason === 'died'
-            ? 'the VM stopped during boot; it was deleted'
-            : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`,
-        console: result.consoleTail,
-      })
-      .catch(() => undefined);
+    const money = owed && (await this.opts.payment!.refundOwed(owed));
+    const notice = this.bootFailedNotice(lease, result.reason, message, result.consoleTail, money);
+    if (!notice) return;
+    await this.opts.outbox.send(route, notice).catch(() => undefined);
+    if (owed && money) await this.opts.payment!.answered(owed.ref, money);
+  }
+
+  private async oweForBootFailure(lease: Lease, message: string, log: Logger): Promise<PaymentRecord | undefined> {
+    const flow = this.opts.payment;
+    if (!lease.paid || lease.paid.msats <= 0 || !flow) return undefined;
+    const ctx = { ref: `${lease.requestId}.boot`, kind: 'spawn' as const, sender: lease.owner, channel: lease.channel, dialect: lease.dialect ?? 'v1', workloadId: lease.workloadId };
+    return flow.owe(ctx, lease.paid, { code: 'boot_failed', message: `${message}; your payment is refunded` }).catch((err: Error) => {
+      log.error({ err: err.message }, 'could not journal the refund of a failed boot');
+      return undefined;
+    });
+  }
+
+  /**
+   * The `boot_failed` follow-up, with the refund when the workload was paid.
+   * Upstream clients get no unprompted notice, except one carrying their
+   * money back, in their error shape.
+   */
+  private bootFailedNotice(
+    lease: Pick<Lease, 'requestId' | 'workloadId' | 'dialect'>,
+    reason: 'died' | 'timeout',
+    message: string,
+    consoleTail: string,
+    money?: Settlement,
+  ): Reply | undefined {
+    const refund = money ? paymentFields(money) : {};
+    if (lease.dialect === 'upstream') {
+      if (!money) return undefined;
+      return toUpstreamReply({ ...errorReply(lease.requestId, 'spawn_failed', message), ...refund }, { kind: 'spawn', plans: this.opts.plans });
+    }
+    return { type: 'boot_failed', version: 1, request_id: lease.requestId, workload_id: lease.workloadId, reason, message, console: consoleTail, ...refund };
   }
 
   private async spawn(req: SpawnRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome): Promise<Reply> {
@@ -287,7 +315,8 @@ export class Agent {
       if (!payment) return await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, resources.plan.durationSeconds);
       let reply: Reply;
       try {
-        reply = await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, payment.seconds ?? 0);
+        const held = { mint: payment.mint, unit: payment.unit, msats: (payment.msats ?? 0) - (payment.refundMsats ?? 0) };
+        reply = await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, payment.seconds ?? 0, held);
       } catch (err) {
         const refused = this.toErrorReply(err, msg.requestId, log);
         paid.settlement = await this.opts.payment!.finish(payment, false, {
@@ -340,7 +369,16 @@ export class Agent {
       paid.settlement = await flow.finish(payment, false, { code: 'not_found', message });
       return { ...errorReply(msg.requestId, 'not_found', message), ...paymentFields(paid.settlement) };
     }
-    const extended = { ...current, expiresAt: extendedExpiry(current.expiresAt, seconds), paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId] };
+    const charged = (payment.msats ?? 0) - (payment.refundMsats ?? 0);
+    const extended: Lease = {
+      ...current,
+      expiresAt: extendedExpiry(current.expiresAt, seconds),
+      paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId],
+      // One mint and unit per lease's holding; a top-up from another mint is not given back on a failed boot.
+      ...(!current.paid || (current.paid.mint === payment.mint && current.paid.unit === payment.unit)
+        ? { paid: { mint: payment.mint, unit: payment.unit, msats: (current.paid?.msats ?? 0) + charged } }
+        : {}),
+    };
     try {
       await this.opts.leases.put(extended);
     } catch (err) {
@@ -372,7 +410,13 @@ export class Agent {
       },
       async (record, money) => {
         const lease = this.opts.leases.get(record.workloadId);
-        let reply: Reply;
+        let reply: Reply | undefined;
+        if (record.failure?.code === 'boot_failed') {
+          const requestId = record.ref.replace(/\.boot$/, '');
+          reply = this.bootFailedNotice({ requestId, workloadId: record.workloadId, dialect: record.dialect }, 'died', record.failure.message, '', money);
+          if (reply) await this.opts.outbox.send({ to: record.sender, channel: record.channel, replyTo: requestId }, reply);
+          return;
+        }
         if (record.phase === 'leased' && lease) {
           reply = record.kind === 'spawn' ? this.accessDetails(lease) : this.toppedUp(record.ref, lease, record.seconds ?? 0, money);
           reply = { ...reply, ...paymentFields(money) } as Reply;
@@ -398,6 +442,7 @@ export class Agent {
     workloadId: string,
     dialect: Dialect,
     leaseSeconds: number,
+    paid?: Lease['paid'],
   ): Promise<Reply> {
     const wlog = log.child({ workloadId });
     addLogContext({ workloadId });
@@ -436,6 +481,7 @@ export class Agent {
       createdAt: createdAt.toISOString(),
       expiresAt: new Date(createdAt.getTime() + leaseSeconds * 1000).toISOString(),
       ...(dialect === 'upstream' ? { dialect } : {}),
+      ...(paid ? { paid } : {}),
     };
     try {
       await this.opts.leases.put(lease);

@@ -116,6 +116,21 @@ export class PaymentFlow {
     return this.refund(settled);
   }
 
+  /**
+   * A paid workload that never booted: everything its lease holds is owed
+   * back. Journaled (so a crash cannot lose it) before the caller destroys
+   * the workload; `refundOwed` then makes the refund.
+   */
+  async owe(ctx: ChargeContext, paid: { mint: string; unit: 'sat' | 'msat'; msats: number }, failure: { code: string; message: string }): Promise<PaymentRecord> {
+    const record: PaymentRecord = { ...ctx, ...paid, phase: 'failed', refundMsats: paid.msats, failure, createdAt: new Date().toISOString() };
+    await this.opts.journal.put(record);
+    return record;
+  }
+
+  refundOwed(record: PaymentRecord): Promise<Settlement> {
+    return this.refund(record);
+  }
+
   /** Step 4: the reply is in the outbox. A refund still owed keeps the record for the next start. */
   async answered(ref: string, money: Settlement): Promise<void> {
     if (money.refundMsats > 0 && !money.refundToken) return;

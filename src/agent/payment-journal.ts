@@ -19,10 +19,12 @@ import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
 import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
 const HEX64 = /^[0-9a-f]{64}$/;
+/** A request id, or `<request id>.boot` for the refund of a paid workload that never booted. */
+const REF = /^[0-9a-f]{64}(\.boot)?$/;
 
 export const PaymentRecordSchema = z.object({
   /** The request's id; also the `ref` handed to the wallet for its swap and refund. */
-  ref: z.string().regex(HEX64),
+  ref: z.string().regex(REF),
   kind: z.enum(['spawn', 'topup']),
   sender: z.string().regex(HEX64),
   channel: z.string(),

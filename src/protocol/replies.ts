@@ -109,7 +109,7 @@ export interface ReadyNotice {
 }
 
 /** Follow-up to `access_details`: the guest never became ready; it was deleted. */
-export interface BootFailedNotice {
+export interface BootFailedNotice extends PaymentFields {
   type: 'boot_failed';
   version: 1;
   request_id: string;

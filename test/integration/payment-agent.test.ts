@@ -5,7 +5,7 @@
  * guest. Ports 47450-47499.
  */
 import { createServer, type Server } from 'node:net';
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { generateSecretKey, getPublicKey } from 'nostr-tools';
@@ -260,6 +260,26 @@ describe('upstream client', () => {
     clients.push(owner);
     await stop(owner, spawn.workload_id);
   }, 480_000);
+});
+
+describe('a paid guest that never boots', () => {
+  it('is answered boot_failed with everything its lease held refunded', async () => {
+    const c = await client();
+    const replies: ReplyMessage[] = [];
+    const r = await c.request(spawnRequest(await consumerToken(mint, 70)), {
+      timeoutMs: 120_000,
+      done: (m) => m.type === 'boot_failed' || m.type === 'ready',
+      onProgress: (m) => {
+        replies.push(m);
+        // The guest dies during boot (before the tiny guest's banner could count as ready).
+        if (m.type === 'access_details') process.kill(Number(readFileSync(join(agent.vmRoot, m.workload_id as string, 'qemu.pid'), 'utf8').trim()), 'SIGKILL');
+      },
+    });
+    expect(replies[0]).toMatchObject({ type: 'access_details', paid_msats: 70_000 });
+    expect(r).toMatchObject({ type: 'boot_failed', reason: 'died', paid_msats: 70_000, refund_msats: 70_000, refund_token: expect.stringMatching(/^cashu[AB]/) });
+    expect(await redeemElsewhere(r.refund_token as string)).toBe(70);
+    expect(readdirSync(join(agent.stateDir, 'payments'))).toEqual([]);
+  });
 });
 
 describe('failures after the swap', () => {
