@@ -3,6 +3,10 @@
  * lease → reply. Knows requests, leases and drivers; knows nothing of how
  * messages travel (Nostr lives behind `Outbox`) or how VMs run (behind
  * `ComputeDriver`).
+ *
+ * Longer than most modules because the spawn and top-up paths fix the order
+ * of free checks before any payment, and the answers after one; the money
+ * steps themselves live in payment-flow.ts.
  */
 import { randomBytes } from 'node:crypto';
 import type { ComputeDriver } from '../drivers/types.js';

@@ -29,8 +29,8 @@ export interface SupervisorOptions {
 export class Supervisor {
   private timer: NodeJS.Timeout | undefined;
   private ticking: Promise<void> | undefined;
-  /** `workloadId@expiresAt` of leases already warned: a top-up moves the expiry, and so re-arms the warning. */
-  private readonly warned = new Set<string>();
+  /** The expiry each workload was warned about: a top-up moves the expiry, and so re-arms the warning. */
+  private readonly warnedFor = new Map<string, string>();
   private readonly log: Logger;
 
   constructor(private readonly opts: SupervisorOptions) {
@@ -114,10 +114,8 @@ export class Supervisor {
           await this.close(lease, 'workload_lost', 'the workload stopped unexpectedly; its resources were freed');
           continue;
         }
-        const warnKey = `${lease.workloadId}@${lease.expiresAt}`;
-        if (left > 0 && left <= this.opts.warnBeforeSeconds && !this.warned.has(warnKey)) {
-          for (const k of this.warned) if (k.startsWith(`${lease.workloadId}@`)) this.warned.delete(k);
-          this.warned.add(warnKey);
+        if (left > 0 && left <= this.opts.warnBeforeSeconds && this.warnedFor.get(lease.workloadId) !== lease.expiresAt) {
+          this.warnedFor.set(lease.workloadId, lease.expiresAt);
           await this.send(lease, this.notice(lease, 'expiring', `the lease ends in ${left} s; the workload will be deleted`));
         }
       } catch (err) {
@@ -128,7 +126,7 @@ export class Supervisor {
 
   private async close(lease: Lease, type: 'expired' | 'workload_lost', message: string): Promise<void> {
     await this.opts.agent.destroyLease(lease, this.log);
-    for (const k of this.warned) if (k.startsWith(`${lease.workloadId}@`)) this.warned.delete(k);
+    this.warnedFor.delete(lease.workloadId);
     this.log.info({ workloadId: lease.workloadId, reason: type }, 'lease closed');
     await this.send(lease, this.notice(lease, type, message));
   }
