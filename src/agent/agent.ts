@@ -196,10 +196,11 @@ export class Agent {
     try {
       await this.opts.outbox.send(route, reply);
       log.info({ phase: 'reply', ms: Date.now() - replyStarted, reply: reply.type }, 'reply handed to the relays');
+      // Only an answer the outbox holds ends a payment's record; otherwise the next start answers again.
+      if (paid.settlement) await this.opts.payment?.answered(msg.requestId, paid.settlement);
     } catch (err) {
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
-    if (paid.settlement) await this.opts.payment?.answered(msg.requestId, paid.settlement);
     if (journaled) await this.opts.inflight.end(msg.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
     if (reply.type === 'access_details') this.track(this.watchReady(reply.workload_id, log, this.opts.readyTimeoutMs));
   }
@@ -260,8 +261,11 @@ export class Agent {
     const money = owed && (await this.opts.payment!.refundOwed(owed));
     const notice = this.bootFailedNotice(lease, result.reason, message, result.consoleTail, money);
     if (!notice) return;
-    await this.opts.outbox.send(route, notice).catch(() => undefined);
-    if (owed && money) await this.opts.payment!.answered(owed.ref, money);
+    const sent = await this.opts.outbox.send(route, notice).then(
+      () => true,
+      () => false,
+    );
+    if (sent && owed && money) await this.opts.payment!.answered(owed.ref, money);
   }
 
   private async oweForBootFailure(lease: Lease, message: string, log: Logger): Promise<PaymentRecord | undefined> {
