@@ -3,17 +3,25 @@
  * lease → reply. Knows requests, leases and drivers; knows nothing of how
  * messages travel (Nostr lives behind `Outbox`) or how VMs run (behind
  * `ComputeDriver`).
+ *
+ * Longer than most modules because the spawn and top-up paths fix the order
+ * of free checks before any payment, and the answers after one; the money
+ * steps themselves live in payment-flow.ts.
  */
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ComputeDriver } from '../drivers/types.js';
 import { DriverError } from '../drivers/types.js';
-import { RequestError } from '../protocol/errors.js';
-import { type SpawnRequest, type StatusRequest, type StopRequest } from '../protocol/requests.js';
+import { RequestError, type ErrorCode } from '../protocol/errors.js';
+import { type SpawnRequest, type StatusRequest, type StopRequest, type TopupRequest } from '../protocol/requests.js';
 import { parseAnyRequest, toUpstreamReply, type UpstreamKind } from '../protocol/upstream.js';
-import { errorReply, type AccessDetails, type PlanInfo, type Reply } from '../protocol/replies.js';
+import { errorReply, type AccessDetails, type PaymentFields, type PlanInfo, type Reply } from '../protocol/replies.js';
 import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
 import { NoticeGate, type SenderRateLimiter, type SpawnAdmission } from './admission.js';
+import type { Allowlist } from './allowlist.js';
+import { RefundedError, type PaymentFlow, type Settlement } from './payment-flow.js';
+import type { PaymentRecord } from './payment-journal.js';
+import { extendedExpiry, topupCapSeconds } from './pricing.js';
 import type { InflightJournal } from './inflight.js';
 import type { LeaseStore, Lease } from './leases.js';
 import { resolveResources, type Plan } from './plans.js';
@@ -103,6 +111,18 @@ export interface AgentOptions {
   rateLimiter?: SenderRateLimiter;
   /** Workload caps, spawns in flight, committed vCPU/RAM; none = unlimited. */
   admission?: SpawnAdmission;
+  /** Who may spawn: anyone (`open`, the default), keys on `allowlist`, or anyone who pays (`paid`, needs `payment`). */
+  admissionMode?: 'open' | 'allowlist' | 'paid';
+  allowlist?: Allowlist;
+  payment?: PaymentFlow;
+}
+
+/** How a request was shaped; its replies and its workload's later notices keep that shape. */
+export type Dialect = 'v1' | 'upstream';
+
+/** What a paid request leaves for `process` to close once its reply is in the outbox. */
+interface PaidOutcome {
+  settlement?: Settlement;
 }
 
 export class Agent {
@@ -293,6 +313,7 @@ export class Agent {
     let upstream: UpstreamKind | undefined;
     // Only a spawn writes a journal entry (spawnAdmitted), so only a spawn has one to end.
     let journaled = false;
+    const paid: PaidOutcome = {};
     try {
       const parsed = parseAnyRequest(msg.content, this.opts.maxContentBytes);
       if (parsed.dialect === 'upstream') upstream = parsed.kind;
@@ -302,7 +323,10 @@ export class Agent {
       switch (req.type) {
         case 'spawn':
           journaled = true;
-          reply = await this.spawn(req, msg, log);
+          reply = await this.spawn(req, msg, log, parsed.dialect, paid);
+          break;
+        case 'topup':
+          reply = await this.topup(req, msg, log, parsed.dialect, paid);
           break;
         case 'stop':
           reply = await this.stop(req, msg, log);
@@ -313,6 +337,10 @@ export class Agent {
       }
     } catch (err) {
       reply = this.toErrorReply(err, msg.requestId, log);
+      if (err instanceof RefundedError) {
+        paid.settlement = err.settlement;
+        reply = { ...reply, ...paymentFields(err.settlement) };
+      }
     }
     if (upstream) reply = toUpstreamReply(reply, { kind: upstream, plans: this.opts.plans });
     const replyStarted = Date.now();
@@ -320,6 +348,8 @@ export class Agent {
       await this.opts.outbox.send(route, reply);
       this.counts.answered++;
       log.info({ phase: 'reply', ms: Date.now() - replyStarted, reply: reply.type }, 'reply handed to the relays');
+      // Only an answer the outbox holds ends a payment's record; otherwise the next start answers again.
+      if (paid.settlement) await this.opts.payment?.answered(msg.requestId, paid.settlement);
     } catch (err) {
       this.counts.answerFailed++;
       log.error({ err: (err as Error).message }, 'reply could not be sent');
@@ -374,7 +404,8 @@ export class Agent {
       .finally(() => this.booting.delete(workloadId));
     if (result.ready) {
       log.info({ workloadId, ms: result.ms }, 'workload ready');
-      await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
+      // Upstream's client takes the first DM it sees for its reply: no unprompted `ready` for it.
+      if (lease.dialect !== 'upstream') await this.opts.outbox.send(route, { type: 'ready', ...base, ms: result.ms }).catch(() => undefined);
       const readyAt = new Date().toISOString();
       await this.opts.leases.update(workloadId, (current) => ({ ...current, readyAt })).catch((err: Error) => log.error({ err: err.message }, 'could not record readiness in the lease'));
       return;
@@ -382,22 +413,57 @@ export class Agent {
     // Shutting down is not a boot failure: the VM stays, the next run re-adopts it.
     if (this.shutdown.signal.aborted || this.isStopping(workloadId) || !this.opts.leases.get(workloadId)) return;
     log.warn({ workloadId, reason: result.reason, ms: result.ms }, 'workload failed to boot');
+    const message =
+      result.reason === 'died'
+        ? 'the VM stopped during boot; it was deleted'
+        : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`;
+    // Nothing was delivered: what the lease holds goes back, journaled before the VM (and its lease) goes.
+    const owed = await this.oweForBootFailure(this.opts.leases.get(workloadId) ?? lease, message, log);
     await this.destroyLease(lease, log).catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
-    await this.opts.outbox
-      .send(route, {
-        type: 'boot_failed',
-        ...base,
-        reason: result.reason,
-        message:
-          result.reason === 'died'
-            ? 'the VM stopped during boot; it was deleted'
-            : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`,
-        console: result.consoleTail,
-      })
-      .catch(() => undefined);
+    const money = owed && (await this.opts.payment!.refundOwed(owed));
+    const notice = this.bootFailedNotice(lease, result.reason, message, result.consoleTail, money);
+    if (!notice) return;
+    const sent = await this.opts.outbox.send(route, notice).then(
+      () => true,
+      () => false,
+    );
+    if (sent && owed && money) await this.opts.payment!.answered(owed.ref, money);
   }
 
-  private async spawn(req: SpawnRequest, msg: Inbound, log: Logger): Promise<Reply> {
+  private async oweForBootFailure(lease: Lease, message: string, log: Logger): Promise<PaymentRecord | undefined> {
+    const flow = this.opts.payment;
+    if (!lease.paid || lease.paid.msats <= 0 || !flow) return undefined;
+    const ctx = { ref: `${lease.requestId}.boot`, kind: 'spawn' as const, sender: lease.owner, channel: lease.channel, dialect: lease.dialect ?? 'v1', workloadId: lease.workloadId };
+    return flow.owe(ctx, lease.paid, { code: 'boot_failed', message: `${message}; your payment is refunded` }).catch((err: Error) => {
+      log.error({ err: err.message }, 'could not journal the refund of a failed boot');
+      return undefined;
+    });
+  }
+
+  /**
+   * The `boot_failed` follow-up, with the refund when the workload was paid.
+   * Upstream clients get no unprompted notice, except one carrying their
+   * money back, in their error shape.
+   */
+  private bootFailedNotice(
+    lease: Pick<Lease, 'requestId' | 'workloadId' | 'dialect'>,
+    reason: 'died' | 'timeout',
+    message: string,
+    consoleTail: string,
+    money?: Settlement,
+  ): Reply | undefined {
+    const refund = money ? paymentFields(money) : {};
+    if (lease.dialect === 'upstream') {
+      if (!money) return undefined;
+      return toUpstreamReply({ ...errorReply(lease.requestId, 'spawn_failed', message), ...refund }, { kind: 'spawn', plans: this.opts.plans });
+    }
+    return { type: 'boot_failed', version: 1, request_id: lease.requestId, workload_id: lease.workloadId, reason, message, console: consoleTail, ...refund };
+  }
+
+  private async spawn(req: SpawnRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome): Promise<Reply> {
+    if (this.opts.admissionMode === 'allowlist' && !this.opts.allowlist?.has(msg.sender)) {
+      throw new RequestError('not_allowed', 'this provider only serves the keys on its allowlist');
+    }
     const resources = resolveResources(this.opts.plans, this.opts.defaultPlan, req);
     const minimum = req.isolation ?? 'shared-kernel';
     const tier = chooseTier(this.opts.tiers, minimum);
@@ -413,10 +479,127 @@ export class Agent {
     // (after lease.put the lease itself counts).
     const reservation = this.opts.admission?.reserve(msg.sender, resources);
     try {
-      return await this.spawnAdmitted(req, msg, log, resources, tier, driver);
+      const workloadId = `w-${randomBytes(6).toString('hex')}`;
+      // Every free check above has passed: only now is the token looked at, and swapped.
+      const payment = await this.chargeForSpawn(req, msg, dialect, resources.plan, workloadId);
+      if (!payment) return await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, resources.plan.durationSeconds);
+      let reply: Reply;
+      try {
+        const held = { mint: payment.mint, unit: payment.unit, msats: (payment.msats ?? 0) - (payment.refundMsats ?? 0) };
+        reply = await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, payment.seconds ?? 0, held);
+      } catch (err) {
+        const refused = this.toErrorReply(err, msg.requestId, log);
+        paid.settlement = await this.opts.payment!.finish(payment, false, {
+          code: refused.type === 'error' ? refused.code : 'spawn_failed',
+          message: `${refused.type === 'error' ? refused.message : 'the workload could not be started'}; your payment is refunded`,
+        });
+        return { ...refused, ...paymentFields(paid.settlement) } as Reply;
+      }
+      paid.settlement = await this.opts.payment!.finish(payment, true);
+      return { ...reply, ...paymentFields(paid.settlement) } as Reply;
     } finally {
       reservation?.release();
     }
+  }
+
+  /**
+   * The swap for a paid spawn, or undefined when it is free (open or
+   * allowlist mode, or a plan at rate 0: nothing to divide by, nothing taken).
+   */
+  private async chargeForSpawn(req: SpawnRequest, msg: Inbound, dialect: Dialect, plan: Plan, workloadId: string): Promise<PaymentRecord | undefined> {
+    const flow = this.opts.payment;
+    const rate = plan.rateMsatsPerSec ?? 0;
+    if (this.opts.admissionMode !== 'paid' || !flow || rate <= 0) return undefined;
+    if (!req.cashu_token) {
+      throw new RequestError('payment_required', `plan ${plan.id} costs ${rate} msat/s; send a cashu_token from one of the mints in the offer`);
+    }
+    const ctx = { ref: msg.requestId, kind: 'spawn' as const, sender: msg.sender, channel: msg.channel, dialect, workloadId };
+    return flow.charge(ctx, req.cashu_token, rate, flow.policy.maxLeaseSeconds);
+  }
+
+  /**
+   * More time for a live workload of one's own: owner, lease and plan are
+   * checked before the swap; the lease is extended from its current expiry
+   * and written before the reply; a lease gone during the swap gets the whole
+   * payment back.
+   */
+  private async topup(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome): Promise<Reply> {
+    const flow = this.opts.payment;
+    if (this.opts.admissionMode !== 'paid' || !flow) throw new RequestError('payment_required', 'this provider does not sell extensions');
+    const lease = this.ownedLease(req.workload_id, msg.sender);
+    if (this.isStopping(lease.workloadId) || secondsLeft(lease) <= 0) throw new RequestError('not_found', `no workload ${req.workload_id} for this key`);
+    const plan = this.opts.plans.find((p) => p.id === lease.planId);
+    if (!plan?.rateMsatsPerSec) throw new RequestError('payment_required', 'this workload\'s plan is free: it cannot be extended');
+    const ctx = { ref: msg.requestId, kind: 'topup' as const, sender: msg.sender, channel: msg.channel, dialect, workloadId: lease.workloadId };
+    const payment = await flow.charge(ctx, req.cashu_token, plan.rateMsatsPerSec, topupCapSeconds(secondsLeft(lease), flow.policy));
+    const seconds = payment.seconds ?? 0;
+    const current = this.opts.leases.get(lease.workloadId);
+    if (!current || this.isStopping(current.workloadId) || secondsLeft(current) <= 0) {
+      const message = 'the workload ended while the payment was made; your payment is refunded';
+      paid.settlement = await flow.finish(payment, false, { code: 'not_found', message });
+      return { ...errorReply(msg.requestId, 'not_found', message), ...paymentFields(paid.settlement) };
+    }
+    const charged = (payment.msats ?? 0) - (payment.refundMsats ?? 0);
+    const extended: Lease = {
+      ...current,
+      expiresAt: extendedExpiry(current.expiresAt, seconds),
+      paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId],
+      // One mint and unit per lease's holding; a top-up from another mint is not given back on a failed boot.
+      ...(!current.paid || (current.paid.mint === payment.mint && current.paid.unit === payment.unit)
+        ? { paid: { mint: payment.mint, unit: payment.unit, msats: (current.paid?.msats ?? 0) + charged } }
+        : {}),
+    };
+    try {
+      await this.opts.leases.put(extended);
+    } catch (err) {
+      paid.settlement = await flow.finish(payment, false, { code: 'internal_error', message: 'the lease could not be extended; your payment is refunded' });
+      throw new RefundedError('internal_error', 'the lease could not be extended; your payment is refunded', paid.settlement);
+    }
+    log.info({ workloadId: current.workloadId, seconds, expiresAt: extended.expiresAt }, 'lease extended');
+    paid.settlement = await flow.finish(payment, true);
+    return this.toppedUp(msg.requestId, extended, seconds, paid.settlement);
+  }
+
+  private toppedUp(requestId: string, lease: Lease, seconds: number, money: Settlement): Reply {
+    return { type: 'topped_up', version: 1, request_id: requestId, workload_id: lease.workloadId, extended_seconds: seconds, expires_at: lease.expiresAt, ...paymentFields(money) };
+  }
+
+  /**
+   * At start, after the wallet's recovery and before the spawn journal's:
+   * settle what a killed run left half-paid, and answer those consumers (a
+   * spawn's access details or its failure, with any refund).
+   */
+  async reconcilePayments(): Promise<void> {
+    const flow = this.opts.payment;
+    if (!flow) return;
+    await flow.reconcile(
+      (record) => {
+        const lease = this.opts.leases.get(record.workloadId);
+        if (!lease) return false;
+        return record.kind === 'spawn' ? lease.requestId === record.ref : (lease.paidRefs ?? []).includes(record.ref);
+      },
+      async (record, money) => {
+        const lease = this.opts.leases.get(record.workloadId);
+        let reply: Reply | undefined;
+        if (record.failure?.code === 'boot_failed') {
+          const requestId = record.ref.replace(/\.boot$/, '');
+          reply = this.bootFailedNotice({ requestId, workloadId: record.workloadId, dialect: record.dialect }, 'died', record.failure.message, '', money);
+          if (reply) await this.opts.outbox.send({ to: record.sender, channel: record.channel, replyTo: requestId }, reply);
+          return;
+        }
+        if (record.phase === 'leased' && lease) {
+          reply = record.kind === 'spawn' ? this.accessDetails(lease) : this.toppedUp(record.ref, lease, record.seconds ?? 0, money);
+          reply = { ...reply, ...paymentFields(money) } as Reply;
+        } else {
+          const failure = record.failure ?? { code: 'spawn_failed', message: 'the request failed' };
+          reply = { ...errorReply(record.ref, failure.code as ErrorCode, failure.message), ...paymentFields(money) };
+        }
+        if (record.dialect === 'upstream') reply = toUpstreamReply(reply, { kind: record.kind, plans: this.opts.plans });
+        await this.opts.outbox.send({ to: record.sender, channel: record.channel, replyTo: record.ref }, reply);
+        // Answered here with the refund: the spawn journal must not answer it again without one.
+        if (record.kind === 'spawn') await this.opts.inflight.end(record.ref);
+      },
+    );
   }
 
   private async spawnAdmitted(
@@ -426,8 +609,11 @@ export class Agent {
     resources: ReturnType<typeof resolveResources>,
     tier: TierOffer,
     driver: ComputeDriver,
+    workloadId: string,
+    dialect: Dialect,
+    leaseSeconds: number,
+    paid?: Lease['paid'],
   ): Promise<Reply> {
-    const workloadId = `w-${randomBytes(6).toString('hex')}`;
     const wlog = log.child({ workloadId });
     addLogContext({ workloadId });
     const started = Date.now();
@@ -463,7 +649,9 @@ export class Agent {
       diskGb: resources.diskGb,
       sshPort: handle.sshPort,
       createdAt: createdAt.toISOString(),
-      expiresAt: new Date(createdAt.getTime() + resources.plan.durationSeconds * 1000).toISOString(),
+      expiresAt: new Date(createdAt.getTime() + leaseSeconds * 1000).toISOString(),
+      ...(dialect === 'upstream' ? { dialect } : {}),
+      ...(paid ? { paid } : {}),
     };
     try {
       await this.opts.leases.put(lease);
@@ -576,6 +764,14 @@ const REFUSAL_MESSAGES: Record<RefusalReason, string> = {
   busy: 'the provider has too many requests waiting; retry in a few seconds',
   clock_skew: `the request is dated more than ${MAX_FUTURE_SKEW_SECONDS} s in the future; check your clock and send it again`,
 };
+
+function paymentFields(money: Settlement): PaymentFields {
+  return {
+    paid_msats: money.paidMsats,
+    refund_msats: money.refundMsats,
+    ...(money.refundToken ? { refund_token: money.refundToken } : {}),
+  };
+}
 
 function leasePlan(lease: Lease): PlanInfo {
   return { id: lease.planId, name: lease.planName, vcpus: lease.vcpus, memory_mb: lease.memoryMb, disk_gb: lease.diskGb };

@@ -30,6 +30,12 @@ export const LeaseSchema = z.object({
   expiresAt: z.string(),
   /** When the owner was told the guest is ready; absent while it boots (a restart resumes the watch). */
   readyAt: z.string().optional(),
+  /** `upstream`: spawned by an upstream-shaped request, whose client takes any DM for its reply: no v1-only notices. */
+  dialect: z.enum(['v1', 'upstream']).optional(),
+  /** Top-ups already applied (request ids, the latest few): a restart must not apply or refund one twice. */
+  paidRefs: z.array(z.string()).max(16).optional(),
+  /** What the lease holds of the owner's money (surplus already refunded): given back in full if the guest never boots. */
+  paid: z.object({ mint: z.string(), unit: z.enum(['sat', 'msat']), msats: z.number().int().min(0) }).optional(),
 });
 
 export type Lease = z.infer<typeof LeaseSchema>;

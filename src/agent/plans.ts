@@ -8,6 +8,8 @@ export interface Plan {
   memoryMb: number;
   diskGb: number;
   durationSeconds: number;
+  /** 0 = free; otherwise what a paid lease costs per second. */
+  rateMsatsPerSec?: number;
 }
 
 export interface Resources {

@@ -29,7 +29,8 @@ export interface SupervisorOptions {
 export class Supervisor {
   private timer: NodeJS.Timeout | undefined;
   private ticking: Promise<void> | undefined;
-  private readonly warned = new Set<string>();
+  /** The expiry each workload was warned about: a top-up moves the expiry, and so re-arms the warning. */
+  private readonly warnedFor = new Map<string, string>();
   private readonly log: Logger;
 
   constructor(private readonly opts: SupervisorOptions) {
@@ -101,7 +102,8 @@ export class Supervisor {
       if (this.opts.agent.isStopping(lease.workloadId)) continue;
       try {
         const left = secondsLeft(lease, now);
-        if (left <= 0) {
+        // A top-up may have moved the expiry since this list was taken.
+        if (left <= 0 && secondsLeft(this.opts.leases.get(lease.workloadId) ?? lease, now) <= 0) {
           await this.close(lease, 'expired', 'the lease ended; the workload was stopped and deleted');
           continue;
         }
@@ -112,8 +114,8 @@ export class Supervisor {
           await this.close(lease, 'workload_lost', 'the workload stopped unexpectedly; its resources were freed');
           continue;
         }
-        if (left <= this.opts.warnBeforeSeconds && !this.warned.has(lease.workloadId)) {
-          this.warned.add(lease.workloadId);
+        if (left > 0 && left <= this.opts.warnBeforeSeconds && this.warnedFor.get(lease.workloadId) !== lease.expiresAt) {
+          this.warnedFor.set(lease.workloadId, lease.expiresAt);
           await this.send(lease, this.notice(lease, 'expiring', `the lease ends in ${left} s; the workload will be deleted`));
         }
       } catch (err) {
@@ -124,7 +126,7 @@ export class Supervisor {
 
   private async close(lease: Lease, type: 'expired' | 'workload_lost', message: string): Promise<void> {
     await this.opts.agent.destroyLease(lease, this.log);
-    this.warned.delete(lease.workloadId);
+    this.warnedFor.delete(lease.workloadId);
     this.log.info({ workloadId: lease.workloadId, reason: type }, 'lease closed');
     await this.send(lease, this.notice(lease, type, message));
   }
@@ -142,6 +144,8 @@ export class Supervisor {
   }
 
   private async send(lease: Lease, message: WorkloadNotice | ReturnType<Agent['accessDetails']>): Promise<void> {
+    // Upstream's client takes the first DM it sees for its reply: unprompted notices would be misread.
+    if (lease.dialect === 'upstream' && message.type !== 'access_details') return;
     await this.opts.outbox
       .send({ to: lease.owner, channel: lease.channel, replyTo: lease.requestId }, message)
       .catch((err: Error) => this.log.error({ workloadId: lease.workloadId, err: err.message }, 'notice could not be sent'));

@@ -10,8 +10,9 @@ import { hasBlocker, renderTable, runChecks } from '../doctor/index.js';
 import type { Config } from '../config/schema.js';
 import { startService, type RunningService } from '../service/service.js';
 import { createLogger, type Logger } from '../util/logger.js';
+import { walletCommand, WALLET_USAGE } from './wallet-command.js';
 
-const USAGE = `usage: paygress-agent run|doctor [--config /etc/paygress-agent/provider.json] [--json]
+const USAGE = `usage: paygress-agent run|doctor|wallet [--config /etc/paygress-agent/provider.json] [--json]
 
   run      check the host (as doctor, without relays), then listen on the
            configured relays and serve spawn/stop/status DMs. Refuses to run
@@ -22,6 +23,9 @@ const USAGE = `usage: paygress-agent run|doctor [--config /etc/paygress-agent/pr
            port range, each relay and the public host; print a table with a
            fix for each problem. Exit 0 when nothing blocks, 78 otherwise.
            --json prints the rows as JSON instead.
+
+  wallet   balance | withdraw | restore: the provider's Cashu wallet (works while
+           the service runs); see \`paygress-agent wallet --help\`
 
   --config  also PAYGRESS_CONFIG; the key file path can be overridden with
             PAYGRESS_KEY_FILE
@@ -41,10 +45,17 @@ async function main(argv: string[]): Promise<number> {
       help: { type: 'boolean', short: 'h' },
       json: { type: 'boolean' },
       'allow-root': { type: 'boolean' },
+      mint: { type: 'string' },
+      amount: { type: 'string' },
+      unit: { type: 'string' },
     },
   });
   const command = positionals[0];
-  if (values.help || (command !== 'run' && command !== 'doctor')) {
+  if (command === 'wallet' && (values.help || !positionals[1])) {
+    process.stderr.write(WALLET_USAGE);
+    return values.help ? 0 : 64;
+  }
+  if (values.help || (command !== 'run' && command !== 'doctor' && command !== 'wallet')) {
     process.stderr.write(USAGE);
     return values.help ? 0 : 64;
   }
@@ -56,6 +67,10 @@ async function main(argv: string[]): Promise<number> {
     return EX_CONFIG;
   }
   const cfg = loadConfig(values.config);
+  if (command === 'wallet') {
+    const { mint, amount, unit, json } = values;
+    return walletCommand(cfg, { action: positionals[1], mint, amount, unit, json }, process.stdout, process.stderr);
+  }
   if (command === 'doctor') {
     const rows = await runChecks(cfg, { mode: 'doctor' });
     process.stdout.write(values.json ? `${JSON.stringify(rows, null, 2)}\n` : renderTable(rows));

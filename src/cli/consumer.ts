@@ -5,7 +5,8 @@
  *
  * The root password never goes on the command line (argv is world-readable in
  * /proc): it comes from $PAYGRESS_ROOT_PASSWORD, from stdin with
- * --password-stdin, or is generated and printed.
+ * --password-stdin, or is generated and printed. A Cashu token is money, so
+ * the same holds for it: --token-file or --token-stdin, never argv.
  */
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -22,6 +23,8 @@ const USAGE = `usage:
                                           within 3 minutes), their tiers, plans and free capacity
   paygress spawn  --provider NPUB --relay URL [--plan ID] [--isolation LEVEL]
                   [--ssh-key-file FILE] [--password-stdin] [--wait-ready]
+                  [--token-file FILE | --token-stdin]
+  paygress topup  --provider NPUB --relay URL WORKLOAD_ID (--token-file FILE | --token-stdin)
   paygress stop   --provider NPUB --relay URL WORKLOAD_ID
   paygress status --provider NPUB --relay URL WORKLOAD_ID
 
@@ -36,6 +39,13 @@ common options:
 
 The root password is read from $PAYGRESS_ROOT_PASSWORD or stdin (--password-stdin);
 if neither is given a random one is generated and printed.
+
+Paying: a provider in paid mode takes a Cashu token (cashuA…/cashuB…) from one of the
+mints its offer lists (paygress list). The lease lasts what the token buys at the plan's
+rate, up to the provider's maximum; whatever is not used (above the maximum, or all of
+it when the spawn fails) comes back as a refund token, printed on its own line:
+  refund token (N sat): cashuB…
+Redeem it in your wallet. With --json it is the reply's refund_token field.
 
 On a terminal, a progress line on stderr shows the phase (sending → sent → access details
 → ready) and the time elapsed; --json prints one JSON object per line on stdout and no progress.
@@ -57,11 +67,31 @@ function readPassword(fromStdin: boolean): { password: string; generated: boolea
   return { password: randomBytes(15).toString('base64url'), generated: true };
 }
 
+function readToken(file: string | undefined, fromStdin: boolean): string | undefined {
+  const text = fromStdin ? readFileSync(0, 'utf8') : file ? readFileSync(file, 'utf8') : undefined;
+  return text?.trim();
+}
+
+/** Money in a reply: shown whatever the reply's type, the refund token on a line of its own so it can be copied whole. */
+function printMoney(r: ReplyMessage): void {
+  if (typeof r.paid_msats === 'number') process.stdout.write(`paid ${formatMsats(r.paid_msats)}\n`);
+  if (typeof r.refund_token === 'string' && r.refund_token) {
+    process.stdout.write(`refund token (${formatMsats(Number(r.refund_msats ?? 0))}): ${r.refund_token}\n`);
+  } else if (typeof r.refund_msats === 'number' && r.refund_msats > 0) {
+    process.stdout.write(`refund of ${formatMsats(r.refund_msats)} owed; the provider sends it in a later reply\n`);
+  }
+}
+
+function formatMsats(msats: number): string {
+  return msats % 1000 === 0 ? `${msats / 1000} sat` : `${msats} msat`;
+}
+
 function printReply(r: ReplyMessage, json: boolean): void {
   if (json) {
     process.stdout.write(`${JSON.stringify(r)}\n`);
     return;
   }
+  printMoney(r);
   switch (r.type) {
     case 'access_details':
       process.stdout.write(
@@ -77,6 +107,9 @@ function printReply(r: ReplyMessage, json: boolean): void {
       break;
     case 'stopped':
       process.stdout.write(`workload ${r.workload_id} stopped\n`);
+      break;
+    case 'topped_up':
+      process.stdout.write(`workload ${r.workload_id} extended by ${r.extended_seconds} s, until ${r.expires_at}\n`);
       break;
     case 'status':
       process.stdout.write(
@@ -103,6 +136,8 @@ async function main(argv: string[]): Promise<number> {
       isolation: { type: 'string' },
       'ssh-key-file': { type: 'string', multiple: true },
       'password-stdin': { type: 'boolean' },
+      'token-file': { type: 'string' },
+      'token-stdin': { type: 'boolean' },
       'wait-ready': { type: 'boolean' },
       nip04: { type: 'boolean' },
       timeout: { type: 'string' },
@@ -122,7 +157,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(values.json ? `${JSON.stringify({ npub: npubOf(sk), pubkey: pubkeyOf(sk), key_file: values.key })}\n` : `${npubOf(sk)}\n`);
     return EXIT.ok;
   }
-  if (!['spawn', 'stop', 'status'].includes(command)) {
+  if (!['spawn', 'stop', 'status', 'topup'].includes(command)) {
     process.stderr.write(`unknown command ${command}\n${USAGE}`);
     return EXIT.usage;
   }
@@ -132,6 +167,15 @@ async function main(argv: string[]): Promise<number> {
   }
   if (command !== 'spawn' && !arg) {
     process.stderr.write(`${command} needs a workload id\n`);
+    return EXIT.usage;
+  }
+  if (values['token-stdin'] && (values['token-file'] || values['password-stdin'])) {
+    process.stderr.write('--token-stdin cannot be combined with --token-file or --password-stdin (stdin is read once)\n');
+    return EXIT.usage;
+  }
+  const token = readToken(values['token-file'], values['token-stdin'] ?? false);
+  if (command === 'topup' && !token) {
+    process.stderr.write('topup needs a token: --token-file FILE or --token-stdin\n');
     return EXIT.usage;
   }
 
@@ -145,6 +189,9 @@ async function main(argv: string[]): Promise<number> {
     if (values.isolation) request.isolation = values.isolation;
     const keys = (values['ssh-key-file'] ?? []).map((f) => readFileSync(f, 'utf8').trim());
     if (keys.length) request.ssh_keys = keys;
+    if (token) request.cashu_token = token;
+  } else if (command === 'topup') {
+    request = { type: 'topup', version: 1, workload_id: arg, cashu_token: token };
   } else {
     request = { type: command, version: 1, workload_id: arg };
   }

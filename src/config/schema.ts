@@ -21,7 +21,7 @@ export const PlanSchema = z.object({
   diskGb: z.number().int().min(1),
   /** How long a lease of this plan lasts before the VM is stopped and deleted. */
   durationSeconds: z.number().int().min(1).default(3600),
-  /** Price advertised in the discovery offer (upstream `rate_msats_per_sec`); payment itself is not implemented. */
+  /** Price per second of a lease (upstream `rate_msats_per_sec`), charged when `admission.mode` is `paid`; 0 = free. */
   rateMsatsPerSec: z.number().int().min(0).default(0),
 });
 
@@ -33,6 +33,37 @@ export const DiscoverySchema = z.object({
   apiEndpoint: z.string().url().optional(),
   /** Advertised as `capabilities`. */
   capabilities: z.array(z.string().max(32)).max(16).default(['vm', 'kvm', 'ssh']),
+});
+
+/** A consumer key in an allowlist: npub or 64 hex. */
+const consumerKey = z.string().regex(/^(npub1[02-9ac-hj-np-z]{58}|[0-9a-fA-F]{64})$/, 'must be an npub or 64 hex characters');
+
+/** Who may spawn, and what a paid lease may be. See README "Admission and payment". */
+export const AdmissionSchema = z.object({
+  /**
+   * `open`: any key (demos, labs). `allowlist`: only keys in `allowlist` or
+   * `allowlistFile` (re-read when the file changes). `paid`: anyone with a
+   * Cashu token worth the plan's rate (plans at rate 0 stay free).
+   */
+  mode: z.enum(['open', 'allowlist', 'paid']).default('open'),
+  allowlist: z.array(consumerKey).max(10_000).default([]),
+  /** One npub or hex key per line; `#` starts a comment. */
+  allowlistFile: z.string().min(1).optional(),
+  /** A payment must buy at least this long; a smaller token is refused before it is swapped. */
+  minimumDurationSeconds: z.number().int().min(1).default(60),
+  /** No paid lease runs longer (also after top-ups); what a token would buy beyond is refunded. */
+  maxLeaseSeconds: z.number().int().min(60).default(7 * 24 * 3600),
+});
+
+/** The provider's Cashu wallet. See docs/payment.md. */
+export const PaymentSchema = z.object({
+  /** Mints whose tokens are accepted (http(s) URLs; compared after normalising case and trailing slash). Tokens of other mints are refused without contacting them. */
+  whitelistedMints: z
+    .array(z.string().regex(/^https?:\/\/[^\s?#@]+$/, 'must be an http(s) mint URL without query, fragment or credentials'))
+    .max(32)
+    .default([]),
+  /** Timeout of each request to a mint; a swap that times out is settled from the wallet journal. */
+  mintTimeoutMs: z.number().int().min(1000).max(120_000).default(10_000),
 });
 
 export const KvmConfigSchema = z.object({
@@ -157,8 +188,13 @@ export const ConfigSchema = z
       .prefault({}),
     drivers: z.object({ kvm: KvmConfigSchema.optional() }),
     discovery: DiscoverySchema.prefault({}),
+    admission: AdmissionSchema.prefault({}),
+    payment: PaymentSchema.prefault({}),
   })
   .superRefine((cfg, ctx) => {
+    if (cfg.admission.mode === 'paid' && cfg.payment.whitelistedMints.length === 0) {
+      ctx.addIssue({ code: 'custom', path: ['payment', 'whitelistedMints'], message: 'must name at least one mint when admission.mode is paid' });
+    }
     if (!cfg.plans.some((p) => p.id === cfg.defaultPlan)) {
       ctx.addIssue({ code: 'custom', path: ['defaultPlan'], message: `must be the id of one of the plans (${cfg.plans.map((p) => p.id).join(', ')})` });
     }
@@ -181,3 +217,5 @@ export type Config = z.infer<typeof ConfigSchema>;
 export type PlanConfig = z.infer<typeof PlanSchema>;
 export type KvmConfig = z.infer<typeof KvmConfigSchema>;
 export type DiscoveryConfig = z.infer<typeof DiscoverySchema>;
+export type AdmissionConfig = z.infer<typeof AdmissionSchema>;
+export type PaymentConfig = z.infer<typeof PaymentSchema>;

@@ -32,6 +32,8 @@ export interface OfferFacts {
   isolationLevels: readonly IsolationLevel[];
   apiEndpoint?: string | undefined;
   totalJobsCompleted: number;
+  /** Mints whose tokens pay for leases (paid admission); none when nothing is charged. */
+  whitelistedMints?: readonly string[];
 }
 
 export interface Capacity {
@@ -89,8 +91,7 @@ export function offerContent(f: OfferFacts): OfferContent {
       memory_mb: p.memoryMb,
       rate_msats_per_sec: p.rateMsatsPerSec,
     })),
-    // No payment in this agent: no mint is accepted.
-    whitelisted_mints: [],
+    whitelisted_mints: [...(f.whitelistedMints ?? [])],
     // Upstream also publishes a constant 100 and computes uptime client-side from heartbeats.
     uptime_percent: 100,
     total_jobs_completed: f.totalJobsCompleted,

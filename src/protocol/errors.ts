@@ -16,6 +16,17 @@ export const ERROR_CODES = [
   'clock_skew', // the request is dated more than a few minutes in the future (the sender's clock is ahead)
   'shutting_down', // the agent is stopping and takes no new work
   'internal_error', // a bug or an unexpected host failure
+  'not_allowed', // admission is by allowlist and this key is not on it
+  'payment_required', // this provider charges and the request carries no cashu_token
+  // Payment codes: upstream Paygress's `error_type` names, unchanged.
+  'invalid_token', // not a cashuA/cashuB token, or malformed
+  'token_already_spent', // the mint says the token's proofs are spent
+  'token_pending', // the mint says the proofs are in a pending operation; try again later
+  'non_whitelisted_mint', // the token's mint is not one this provider accepts (the offer lists them)
+  'insufficient_payment', // worth less than the plan's minimum duration
+  'unsupported_unit', // the token's unit is neither sat nor msat
+  'mint_network_error', // the mint could not be reached; the token is still the consumer's
+  'mint_error', // the mint refused the swap for another reason
 ] as const;
 
 export type ErrorCode = (typeof ERROR_CODES)[number];

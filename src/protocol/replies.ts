@@ -26,6 +26,29 @@ export interface AccessDetails {
   plan: PlanInfo;
 }
 
+/**
+ * Money fields a reply to a paid request carries (access details, top-up,
+ * error): what the wallet received and what goes back. `refund_token` is a
+ * Cashu token the consumer's wallet redeems; absent when nothing is owed, or
+ * when the refund could not be made yet (then `refund_msats` says how much is
+ * still owed, and it follows in a later reply naming the same request).
+ */
+export interface PaymentFields {
+  paid_msats?: number;
+  refund_msats?: number;
+  refund_token?: string;
+}
+
+/** A top-up went through: the lease now ends at `expires_at`. */
+export interface ToppedUpReply extends PaymentFields {
+  type: 'topped_up';
+  version: 1;
+  request_id: string;
+  workload_id: string;
+  extended_seconds: number;
+  expires_at: string;
+}
+
 export interface StoppedReply {
   type: 'stopped';
   version: 1;
@@ -47,12 +70,18 @@ export interface StatusReply {
   plan: PlanInfo;
 }
 
-export interface ErrorReply {
+export interface ErrorReply extends PaymentFields {
   type: 'error';
   version: 1;
   request_id: string;
   code: ErrorCode;
   message: string;
+  /**
+   * The code again under upstream's name for it: upstream's client reads
+   * `error_type`, and a reply sent before the request's shape is known (too
+   * large, not JSON, rate limited) must still be readable by it.
+   */
+  error_type: string;
 }
 
 /**
@@ -80,7 +109,7 @@ export interface ReadyNotice {
 }
 
 /** Follow-up to `access_details`: the guest never became ready; it was deleted. */
-export interface BootFailedNotice {
+export interface BootFailedNotice extends PaymentFields {
   type: 'boot_failed';
   version: 1;
   request_id: string;
@@ -91,8 +120,16 @@ export interface BootFailedNotice {
   console: string;
 }
 
-export type Reply = AccessDetails | ReadyNotice | BootFailedNotice | StoppedReply | StatusReply | ErrorReply | WorkloadNotice;
+export type Reply =
+  | (AccessDetails & PaymentFields)
+  | ReadyNotice
+  | BootFailedNotice
+  | StoppedReply
+  | StatusReply
+  | ErrorReply
+  | WorkloadNotice
+  | ToppedUpReply;
 
 export function errorReply(requestId: string, code: ErrorCode, message: string): ErrorReply {
-  return { type: 'error', version: 1, request_id: requestId, code, message };
+  return { type: 'error', version: 1, request_id: requestId, code, message, error_type: code };
 }

@@ -15,6 +15,8 @@ export const PLAN_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,31}$/;
 
 const version = z.literal(1).optional();
 const workloadId = z.string().regex(WORKLOAD_ID_PATTERN, 'must be a workload id like w-0123456789ab');
+/** Only its shape is checked here; what it is worth is the wallet's question. Never logged or echoed. */
+const cashuToken = z.string().min(1).max(32_768, 'must be at most 32768 characters');
 
 export const SpawnRequestSchema = z.object({
   type: z.literal('spawn'),
@@ -31,17 +33,21 @@ export const SpawnRequestSchema = z.object({
   disk_gb: z.number().int().min(1).max(65_536).optional(),
   isolation: z.enum(ISOLATION_LEVELS).optional(),
   ssh_keys: z.array(z.string().refine(isValidSshPublicKey, 'must be an OpenSSH public key line')).max(16).optional(),
+  cashu_token: cashuToken.optional(),
 });
 
 export const StopRequestSchema = z.object({ type: z.literal('stop'), version, workload_id: workloadId });
 export const StatusRequestSchema = z.object({ type: z.literal('status'), version, workload_id: workloadId });
+/** Buys more time for a live workload of one's own; extends from the current expiry. */
+export const TopupRequestSchema = z.object({ type: z.literal('topup'), version, workload_id: workloadId, cashu_token: cashuToken });
 
 export type SpawnRequest = z.infer<typeof SpawnRequestSchema>;
 export type StopRequest = z.infer<typeof StopRequestSchema>;
 export type StatusRequest = z.infer<typeof StatusRequestSchema>;
-export type Request = SpawnRequest | StopRequest | StatusRequest;
+export type TopupRequest = z.infer<typeof TopupRequestSchema>;
+export type Request = SpawnRequest | StopRequest | StatusRequest | TopupRequest;
 
-const SCHEMAS = { spawn: SpawnRequestSchema, stop: StopRequestSchema, status: StatusRequestSchema } as const;
+const SCHEMAS = { spawn: SpawnRequestSchema, stop: StopRequestSchema, status: StatusRequestSchema, topup: TopupRequestSchema } as const;
 type RequestType = keyof typeof SCHEMAS;
 
 export type ParseResult = { ok: true; request: Request } | { ok: false; error: RequestError };

@@ -6,14 +6,17 @@
  * client can read the same reply. Pure.
  *
  * Decisions (documented in docs/protocol.md "Upstream compatibility"):
- * - `cashu_token` is ignored and never logged or echoed: this agent takes no payment.
+ * - `cashu_token` → v1 `cashu_token` (spawn and top-up); never logged or echoed.
  * - `pod_spec_id` → v1 `plan` (absent → the provider's default plan).
  * - `ssh_password` → v1 `root_password` (same rules: 12-256 printable characters).
  * - `ssh_username` is not used: the guest's login user is always `root`, which
  *   the reply says (`instructions`, status `ssh_username`).
  * - `pod_image` is ignored: a VM provider boots its own configured base image.
  * - `template_slug` is refused: this provider has no template registry.
- * - top-up (`{pod_npub, cashu_token}`) is answered with an error: no payment, no extension.
+ * - top-up (`{pod_npub, cashu_token}`) → v1 `topup`; a provider that does not
+ *   charge refuses it (`topup_not_supported`).
+ * - every error reply carries upstream's `error_type` (see replies.ts), and
+ *   workloads spawned by an upstream-shaped request get no v1-only notices.
  * - `pod_npub` in replies is `container-<workload id>`; status accepts it or the bare id.
  */
 import { RequestError, type ErrorCode } from './errors.js';
@@ -59,8 +62,12 @@ function refuse(code: ErrorCode, message: string): ParseResult {
 
 function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>): ParseResult {
   switch (kind) {
-    case 'topup':
-      return refuse('invalid_request', 'top-up is not supported: this provider takes no payment and does not extend leases');
+    case 'topup': {
+      if (typeof body.pod_npub !== 'string') return refuse('invalid_request', 'field "pod_npub": must be a string');
+      const id = workloadIdOfPod(body.pod_npub);
+      if (!id) return refuse('not_found', 'no such pod for this key');
+      return validateRequest({ type: 'topup', version: 1, workload_id: id, cashu_token: body.cashu_token });
+    }
     case 'status': {
       if (typeof body.pod_id !== 'string') return refuse('invalid_request', 'field "pod_id": must be a string');
       const id = workloadIdOfPod(body.pod_id);
@@ -75,6 +82,7 @@ function fromUpstream(kind: UpstreamKind, body: Record<string, unknown>): ParseR
       const v1: Record<string, unknown> = { type: 'spawn', version: 1 };
       if (body.ssh_password !== undefined) v1.root_password = body.ssh_password;
       if (body.pod_spec_id !== undefined && body.pod_spec_id !== null) v1.plan = body.pod_spec_id;
+      if (body.cashu_token !== undefined && body.cashu_token !== null && body.cashu_token !== '') v1.cashu_token = body.cashu_token;
       const parsed = validateRequest(v1);
       return parsed.ok ? parsed : { ok: false, error: renameFields(parsed.error) };
     }
@@ -101,7 +109,7 @@ export interface UpstreamContext {
 
 /** Upstream's error kinds where they have one; otherwise the v1 code. */
 export function upstreamErrorType(code: ErrorCode, kind: UpstreamKind | undefined): string {
-  if (kind === 'topup') return 'topup_not_supported';
+  if (kind === 'topup' && code === 'payment_required') return 'topup_not_supported';
   if (code === 'unknown_plan' || code === 'exceeds_plan') return 'invalid_spec';
   return code;
 }
@@ -145,6 +153,15 @@ export function toUpstreamReply(reply: Reply, ctx: UpstreamContext): Reply & Rec
       };
     case 'error':
       return { ...reply, error_type: upstreamErrorType(reply.code, ctx.kind), details: null };
+    case 'topped_up':
+      return {
+        ...reply,
+        success: true,
+        pod_npub: podIdOf(reply.workload_id),
+        extended_duration_seconds: reply.extended_seconds,
+        new_expires_at: reply.expires_at,
+        message: `extended by ${reply.extended_seconds} s; the VM is deleted at ${reply.expires_at}`,
+      };
     default:
       return reply as Reply & Record<string, unknown>;
   }

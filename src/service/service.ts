@@ -9,6 +9,10 @@ import { InflightJournal } from '../agent/inflight.js';
 import { Supervisor } from '../agent/supervisor.js';
 import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
+import { Allowlist } from '../agent/allowlist.js';
+import { PaymentFlow } from '../agent/payment-flow.js';
+import { PaymentJournal } from '../agent/payment-journal.js';
+import { createPayments } from '../payment/index.js';
 import { join } from 'node:path';
 import type { Config } from '../config/schema.js';
 import { applyLiveFields, planReload, type ReloadPlan } from '../config/reload.js';
@@ -80,6 +84,18 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
 
   const pool = new RelayPool({ urls: cfg.relays, logger: logger.child({ part: 'relays' }) });
   const outbox = new NostrOutbox({ sk, pool, spoolDir: join(cfg.stateDir, 'outbox'), logger: logger.child({ part: 'outbox' }) });
+  // The wallet and the payment journal exist in every mode: money owed from a
+  // paid run must still be settled after the operator switches to open.
+  const payments = createPayments({ stateDir: cfg.stateDir, providerSecretKey: sk, config: cfg.payment, logger: logger.child({ part: 'wallet' }) });
+  const payment = new PaymentFlow({
+    payments,
+    journal: new PaymentJournal(cfg.stateDir),
+    policy: { minimumSeconds: cfg.admission.minimumDurationSeconds, maxLeaseSeconds: cfg.admission.maxLeaseSeconds },
+    logger: logger.child({ part: 'payment' }),
+  });
+  const allowlist =
+    cfg.admission.mode === 'allowlist' ? new Allowlist(cfg.admission.allowlist, cfg.admission.allowlistFile, logger.child({ part: 'allowlist' })) : undefined;
+  logger.info({ mode: cfg.admission.mode, whitelistedMints: cfg.admission.mode === 'paid' ? cfg.payment.whitelistedMints : [] }, 'admission');
   const hostCapacity = resolveHostCapacity(cfg.limits.hostCapacity);
   logger.info({ hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
   const rateLimiter = new SenderRateLimiter({ capacity: cfg.limits.rateBurst, refillPerSecond: cfg.limits.ratePerMinute / 60 });
@@ -117,6 +133,9 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     logger,
     rateLimiter,
     admission,
+    admissionMode: cfg.admission.mode,
+    allowlist,
+    payment,
   });
   const supervisor = new Supervisor({
     agent,
@@ -183,7 +202,11 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   pool.start();
   outbox.resume();
   // Settle what an earlier run left before taking new work; its notices queue
-  // in the outbox until a relay is connected.
+  // in the outbox until a relay is connected. Money first: the wallet settles
+  // its half-done swaps, then paid requests are finished and answered (with
+  // their refunds) before the spawn journal would answer them without.
+  await payments.recover().catch((err: Error) => logger.error({ err: err.message }, 'wallet recovery failed; retried at the next start'));
+  await agent.reconcilePayments();
   await supervisor.reconcile();
   supervisor.start();
   const discovery = cfg.discovery.enabled
@@ -200,6 +223,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
           isolationLevels: cfg.tiers.map((t) => t.level),
           apiEndpoint: cfg.discovery.apiEndpoint,
           totalJobsCompleted: 0,
+          whitelistedMints: cfg.admission.mode === 'paid' ? cfg.payment.whitelistedMints : [],
         }),
         held: () => leases.all(),
         vmRoot: cfg.drivers.kvm?.vmRoot ?? cfg.stateDir,

@@ -18,12 +18,14 @@ describe('upstream request shapes', () => {
     expect(upstreamKind(null)).toBeNull();
   });
 
-  it('maps a spawn to v1: ssh_password → root_password, pod_spec_id → plan; token, image and user are dropped', () => {
+  it('maps a spawn to v1: ssh_password → root_password, pod_spec_id → plan, cashu_token kept; image and user are dropped', () => {
     const r = parseAnyRequest(JSON.stringify(spawn), MAX);
     expect(r).toMatchObject({ dialect: 'upstream', kind: 'spawn', ok: true });
     if (!r.ok) throw r.error;
-    expect(r.request).toEqual({ type: 'spawn', version: 1, root_password: PASSWORD, plan: 'tiny' });
-    expect(JSON.stringify(r)).not.toContain('cashuA');
+    expect(r.request).toEqual({ type: 'spawn', version: 1, root_password: PASSWORD, plan: 'tiny', cashu_token: spawn.cashu_token });
+    const free = parseAnyRequest(JSON.stringify({ ...spawn, cashu_token: '' }), MAX);
+    if (!free.ok) throw free.error;
+    expect(free.request).not.toHaveProperty('cashu_token');
   });
 
   it('leaves the plan to the provider default when pod_spec_id is absent or null', () => {
@@ -46,13 +48,19 @@ describe('upstream request shapes', () => {
     expect(bad.error.message).toContain('"pod_spec_id"');
   });
 
-  it('refuses templates and top-ups', () => {
+  it('refuses templates; maps a top-up to v1 topup by pod id, and refuses a bad one without echoing the token', () => {
     const t = parseAnyRequest(JSON.stringify({ ...spawn, template_slug: 'nostr-relay' }), MAX);
     expect(t).toMatchObject({ ok: false, dialect: 'upstream', kind: 'spawn' });
     const topup = parseAnyRequest(JSON.stringify({ pod_npub: 'container-w-0123456789ab', cashu_token: 'cashuAxyz' }), MAX);
-    expect(topup).toMatchObject({ ok: false, dialect: 'upstream', kind: 'topup' });
-    if (topup.ok) throw new Error('accepted');
-    expect(topup.error.message).not.toContain('cashuA');
+    expect(topup).toMatchObject({ ok: true, dialect: 'upstream', kind: 'topup' });
+    if (!topup.ok) throw topup.error;
+    expect(topup.request).toEqual({ type: 'topup', version: 1, workload_id: 'w-0123456789ab', cashu_token: 'cashuAxyz' });
+    const unknownPod = parseAnyRequest(JSON.stringify({ pod_npub: 'container-nope', cashu_token: 'cashuAxyz' }), MAX);
+    expect(unknownPod).toMatchObject({ ok: false, kind: 'topup' });
+    const noToken = parseAnyRequest(JSON.stringify({ pod_npub: 'container-w-0123456789ab', cashu_token: 7 }), MAX);
+    if (noToken.ok) throw new Error('accepted');
+    expect(noToken.error.message).toContain('cashu_token');
+    for (const r of [topup, unknownPod, noToken]) if (!r.ok) expect(r.error.message).not.toContain('cashuA');
   });
 
   it('maps status pod ids back to workload ids; unknown shapes are not_found', () => {
@@ -113,7 +121,24 @@ describe('upstream reply shapes', () => {
     expect(toUpstreamReply(errorReply('r3', 'unknown_plan', 'm'), { kind: 'spawn', plans })).toEqual({
       type: 'error', version: 1, request_id: 'r3', code: 'unknown_plan', message: 'm', error_type: 'invalid_spec', details: null,
     });
-    expect(toUpstreamReply(errorReply('r4', 'invalid_request', 'm'), { kind: 'topup', plans })).toMatchObject({ error_type: 'topup_not_supported' });
+    expect(toUpstreamReply(errorReply('r4', 'payment_required', 'm'), { kind: 'topup', plans })).toMatchObject({ error_type: 'topup_not_supported' });
     expect(toUpstreamReply(errorReply('r5', 'not_found', 'm'), { kind: 'status', plans })).toMatchObject({ error_type: 'not_found' });
+    expect(toUpstreamReply(errorReply('r6', 'token_already_spent', 'm'), { kind: 'topup', plans })).toMatchObject({ error_type: 'token_already_spent' });
+  });
+
+  it('every error reply carries error_type, even one sent before the request shape is known', () => {
+    expect(errorReply('r7', 'rate_limited', 'm')).toMatchObject({ code: 'rate_limited', error_type: 'rate_limited' });
+    expect(errorReply('r8', 'invalid_request', 'm').error_type).toBe('invalid_request');
+  });
+
+  it('a top-up reply carries upstream TopUpResponse fields beside the v1 ones', () => {
+    const r = toUpstreamReply(
+      { type: 'topped_up', version: 1, request_id: 'r9', workload_id: 'w-0123456789ab', extended_seconds: 600, expires_at: '2030-01-01T00:10:00.000Z', paid_msats: 6000 },
+      { kind: 'topup', plans },
+    );
+    expect(r).toMatchObject({
+      success: true, pod_npub: 'container-w-0123456789ab', extended_duration_seconds: 600, new_expires_at: '2030-01-01T00:10:00.000Z',
+      message: expect.any(String), type: 'topped_up', extended_seconds: 600,
+    });
   });
 });
