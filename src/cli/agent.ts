@@ -8,9 +8,10 @@ import { parseArgs } from 'node:util';
 import { loadConfig, ConfigError } from '../config/load.js';
 import { hasBlocker, renderTable, runChecks } from '../doctor/index.js';
 import { startService } from '../service/service.js';
+import { isNetAction, runNetCommand } from '../hostnet/command.js';
 import { createLogger } from '../util/logger.js';
 
-const USAGE = `usage: paygress-agent run|doctor [--config /etc/paygress-agent/provider.json] [--json]
+const USAGE = `usage: paygress-agent run|doctor|net up|down|status [--config /etc/paygress-agent/provider.json] [--json]
 
   run      check the host (as doctor, without relays), then listen on the
            configured relays and serve spawn/stop/status DMs
@@ -18,6 +19,9 @@ const USAGE = `usage: paygress-agent run|doctor [--config /etc/paygress-agent/pr
            port range, each relay and the public host; print a table with a
            fix for each problem. Exit 0 when nothing blocks, 78 otherwise.
            --json prints the rows as JSON instead.
+  net      (root, install time; systemd/paygress-agent-net.service) with
+           drivers.kvm.network "tap": up = create the taps, turn forwarding
+           on, load the nftables table; down = remove them; status = check.
 
   --config  also PAYGRESS_CONFIG; the key file path can be overridden with
             PAYGRESS_KEY_FILE
@@ -37,6 +41,9 @@ async function main(argv: string[]): Promise<number> {
     },
   });
   const command = positionals[0];
+  if (command === 'net' && !values.help && isNetAction(positionals[1])) {
+    return runNetCommand(positionals[1], loadConfig(values.config).drivers.kvm, (line) => process.stdout.write(`${line}\n`));
+  }
   if (values.help || (command !== 'run' && command !== 'doctor')) {
     process.stderr.write(USAGE);
     return values.help ? 0 : 64;
