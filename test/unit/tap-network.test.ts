@@ -3,7 +3,7 @@ import { parse } from 'yaml';
 import { buildQemuArgv, type QemuArgs } from '../../src/drivers/kvm/argv.js';
 import { buildCloudConfig } from '../../src/drivers/kvm/cloud-config.js';
 import { SlotAllocator } from '../../src/drivers/kvm/slots.js';
-import { netStateRows } from '../../src/hostnet/checks.js';
+import { checkPasst, networkModeRow, netStateRows } from '../../src/hostnet/checks.js';
 import { parseCidr, tapConfigProblem, tapSlot, tapSlots, type TapNetworkConfig } from '../../src/hostnet/plan.js';
 import { buildNftRuleset, GUEST_BLOCKED_RANGES } from '../../src/hostnet/ruleset.js';
 import type { NetState } from '../../src/hostnet/setup.js';
@@ -168,6 +168,17 @@ describe('doctor rows for the tap network', () => {
     wrongAddress.taps[1]!.addresses = ['10.77.0.1/30'];
     expect(status(wrongAddress).taps).toBe('fail');
     expect(status({ ...healthy(), tableLoaded: undefined, tableError: 'Operation not permitted' }).nftables).toBe('warn');
+  });
+});
+
+describe('doctor rows for the other modes', () => {
+  it('refuses the packaged passt (Debian 12: inbound TCP never completes) and warns about user mode', async () => {
+    const passt = await checkPasst('passt');
+    expect(passt.status).toBe('fail');
+    expect(passt.detail).toContain('SYN-ACK');
+    expect((await checkPasst('/nonexistent/passt')).status).toBe('fail');
+    expect(networkModeRow('user')).toMatchObject({ status: 'warn', detail: expect.stringContaining('10.0.2.2') });
+    expect(networkModeRow('restricted')?.status).toBe('ok');
   });
 });
 
