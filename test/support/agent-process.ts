@@ -37,6 +37,8 @@ export interface AgentProcessOptions {
    * as in production (the bench measures memory this way).
    */
   compiled?: boolean;
+  /** Run the agent inside this network namespace (`ip netns exec`, which execs: the pid stays the agent's). */
+  netns?: string;
 }
 
 /** The node flags the systemd unit starts the agent with: a compiled test agent runs as production does. */
@@ -127,7 +129,9 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
   let out = '';
   const waiters = new Set<() => void>();
   const cli = opts.compiled ? [...unitNodeFlags(), COMPILED_AGENT_CLI] : ['--import', 'tsx', AGENT_CLI];
-  const proc = execa('node', [...cli, 'run', '--config', configPath], {
+  const command = ['node', ...cli, 'run', '--config', configPath];
+  if (opts.netns) command.unshift('ip', 'netns', 'exec', opts.netns);
+  const proc = execa(command[0]!, command.slice(1), {
     reject: false,
     stdin: 'ignore',
     all: true,
