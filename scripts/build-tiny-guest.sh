@@ -6,18 +6,22 @@
 # minute-long boot of a real cloud-init image.
 #
 # Output (outside the repo, reused across runs):
-#   ${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}/guests/tiny/{vmlinuz,initrd.img,base.qcow2}
+#   ${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}/guests/tiny-vN/{vmlinuz,initrd.img,base.qcow2}
+# (N = GUEST_VERSION: checkouts that expect different versions share one cache
+# without rebuilding each other's guest.)
 # Idempotent: does nothing when all three exist. Builds in a temp dir and
 # renames into place, so an interrupted build never leaves half an output.
 # Needs: apt-get (Debian package lists), dpkg-deb, cpio, gzip, qemu-img.
 set -euo pipefail
 
 CACHE_DIR="${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}"
-OUT_DIR="$CACHE_DIR/guests/tiny"
 # Bump when /init changes: a cached build with another version is rebuilt.
 # Keep in step with TINY_GUEST_VERSION in test/support/tiny-guest.ts.
 # 2: paygress.probe=ADDR:PORT connection probes (test/integration/guest-network.test.ts).
-GUEST_VERSION=2
+# 3: static network from the NoCloud seed's network-config (tap mode), DNS and
+#    spoofed-source probes (test/integration/tap-network.test.ts).
+GUEST_VERSION=3
+OUT_DIR="$CACHE_DIR/guests/tiny-v$GUEST_VERSION"
 
 complete() {
   [[ -f "$1/vmlinuz" && -f "$1/initrd.img" && -f "$1/base.qcow2" && "$(cat "$1/version" 2>/dev/null)" == "$GUEST_VERSION" ]]
@@ -100,7 +104,7 @@ add_module() {
   cp "$WORK/$name.ko" "$ROOT/lib/modules/$name.ko"
   ORDER+=("$name")
 }
-for m in virtio_pci virtio_net virtio_blk; do add_module "$m"; done
+for m in virtio_pci virtio_net virtio_blk isofs; do add_module "$m"; done
 printf '%s\n' "${ORDER[@]}" >"$ROOT/lib/modules/load-order"
 
 # The fake sshd: one line, like the first line a real sshd sends.
@@ -128,8 +132,25 @@ ip link set lo up
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
+# A NoCloud seed with a network-config (tap mode: a /30 per guest) sets the
+# address, gateway and resolver; without one, qemu user-mode's fixed layout.
+# A busybox reading of the YAML the driver writes (cloud-config.ts): the
+# first CIDR is the address, `via:` the gateway, the last bare address the resolver.
+addr=10.0.2.15/24; gw=10.0.2.2; dns=10.0.2.3
+mkdir -p /seed
+for d in /dev/vd?; do
+  mount -t iso9660 -o ro "$d" /seed 2>/dev/null || continue
+  if [ -f /seed/network-config ]; then
+    addr="$(grep -o '[0-9][0-9.]*/[0-9]*' /seed/network-config | grep -v '^0\.0\.0\.0/' | head -n1)"
+    gw="$(sed -n 's/.*via: *//p' /seed/network-config | head -n1)"
+    dns="$(sed -n '/nameservers:/,$p' /seed/network-config | grep -o '[0-9][0-9.]*[0-9]' | tail -n1)"
+    echo "paygress-tiny-guest: network-config address=$addr gateway=$gw dns=$dns"
+  fi
+  umount /seed
+done
+ip addr add "$addr" dev eth0
+ip route add default via "$gw"
+echo "nameserver $dns" >/etc/resolv.conf
 nc -ll -p 22 -e /bin/banner &
 echo "paygress-tiny-guest: up hostname=$(hostname)"
 # paygress.probe=ADDR:PORT (repeatable): try to connect from the guest and
@@ -143,10 +164,28 @@ for arg in $(cat /proc/cmdline); do
       sysctl -qw net.ipv4.conf.eth0.route_localnet=1
       ip route del local 127.0.0.0/8 dev lo table local 2>/dev/null
       ip route del local 127.0.0.1 dev lo table local 2>/dev/null
-      ip route replace "$h" via 10.0.2.2 dev eth0 ;;
+      ip route replace "$h" via "$gw" dev eth0 ;;
     esac
     r="$( (sleep 4) | nc -w 4 "$h" "$p" 2>&1 | head -c 120 | tr -d '\r\n')"
     echo "paygress-probe: $t -> ${r:-nothing}"
+    ;;
+  # paygress.dns=NAME: resolve NAME through the configured resolver.
+  paygress.dns=*)
+    n="${arg#paygress.dns=}"
+    r="$(nslookup "$n" 2>&1 | sed -n 's/^Address: *//p' | tail -n1)"
+    echo "paygress-dns: $n -> ${r:-nothing}"
+    ;;
+  # paygress.spoof=SRC/DST/NAME: send a DNS query for NAME to DST from the
+  # forged source SRC (a UDP query needs no answer to be seen arriving).
+  paygress.spoof=*)
+    t="${arg#paygress.spoof=}"; src="${t%%/*}"; rest="${t#*/}"; dst="${rest%%/*}"; n="${rest#*/}"
+    ip addr add "$src/32" dev eth0
+    ip route replace "$dst" via "$gw" dev eth0 src "$src"
+    nslookup "$n" "$dst" >/dev/null 2>&1
+    ip route del "$dst" 2>/dev/null
+    ip addr del "$src/32" dev eth0
+    echo "paygress-spoof: $t sent"
+    ;;
   esac
 done
 echo "paygress-probe: done"

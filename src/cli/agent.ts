@@ -12,7 +12,9 @@ import { startService, type RunningService } from '../service/service.js';
 import { createLogger, type Logger } from '../util/logger.js';
 import { walletCommand, WALLET_USAGE } from './wallet-command.js';
 
-const USAGE = `usage: paygress-agent run|doctor|wallet [--config /etc/paygress-agent/provider.json] [--json]
+import { isNetAction, runNetCommand } from '../hostnet/command.js';
+
+const USAGE = `usage: paygress-agent run|doctor|wallet|net up|down|status [--config /etc/paygress-agent/provider.json] [--json]
 
   run      check the host (as doctor, without relays), then listen on the
            configured relays and serve spawn/stop/status DMs. Refuses to run
@@ -23,6 +25,9 @@ const USAGE = `usage: paygress-agent run|doctor|wallet [--config /etc/paygress-a
            port range, each relay and the public host; print a table with a
            fix for each problem. Exit 0 when nothing blocks, 78 otherwise.
            --json prints the rows as JSON instead.
+  net      (root, install time; systemd/paygress-agent-net.service) with
+           drivers.kvm.network "tap": up = create the taps, turn forwarding
+           on, load the nftables table; down = remove them; status = check.
 
   wallet   balance | withdraw | restore: the provider's Cashu wallet (works while
            the service runs); see \`paygress-agent wallet --help\`
@@ -51,6 +56,9 @@ async function main(argv: string[]): Promise<number> {
     },
   });
   const command = positionals[0];
+  if (command === 'net' && !values.help && isNetAction(positionals[1])) {
+    return runNetCommand(positionals[1], loadConfig(values.config).drivers.kvm, (line) => process.stdout.write(`${line}\n`));
+  }
   if (command === 'wallet' && (values.help || !positionals[1])) {
     process.stderr.write(WALLET_USAGE);
     return values.help ? 0 : 64;

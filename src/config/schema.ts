@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import { ISOLATION_LEVELS } from '../protocol/isolation.js';
 import { PLAN_ID_PATTERN } from '../protocol/requests.js';
+import { DEVICE_PREFIX_RE, isIpv4, parseCidr, tapConfigProblem } from '../hostnet/plan.js';
 
 const relayUrl = z
   .string()
@@ -66,6 +67,40 @@ export const PaymentSchema = z.object({
   mintTimeoutMs: z.number().int().min(1000).max(120_000).default(10_000),
 });
 
+const ipv4 = z.string().refine(isIpv4, 'must be an IPv4 address');
+
+/**
+ * The tap network (network: "tap"): a pool of persistent taps the install-time
+ * setup (`paygress-agent net up`, systemd/paygress-agent-net.service) makes
+ * and fences with nftables. Slot i: tap `${devicePrefix}i`, the i-th /30 of
+ * `subnet`, SSH port `portRange.from + i`.
+ */
+export const TapSchema = z.object({
+  /** Guests with a network at once; at most the port range's size. */
+  slots: z.number().int().min(1).max(1024).default(32),
+  devicePrefix: z.string().regex(DEVICE_PREFIX_RE, 'must be 1-10 lowercase letters/digits, starting with a letter').default('pgtap'),
+  /** Where the guests' /30s come from; must not overlap the host's own networks. */
+  subnet: z
+    .string()
+    .refine((v) => {
+      try {
+        parseCidr(v);
+        return true;
+      } catch {
+        return false;
+      }
+    }, 'must be an IPv4 CIDR with zero host bits, /30 or shorter')
+    .default('10.77.0.0/16'),
+  /** Host addresses whose slot ports are forwarded to the guests; empty = every address of the host. */
+  publicAddresses: z.array(ipv4).default([]),
+  /** Also forward 127.0.0.1:port (sets route_localnet on the taps; the nftables input chain still fences the host). */
+  loopbackForward: z.boolean().default(false),
+  /** The guests' DNS resolver: allowed explicitly, even on a private address. */
+  dnsResolver: ipv4.default('1.1.1.1'),
+  /** The service user: owns the taps so its qemu opens them without privileges. */
+  user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default('paygress'),
+});
+
 export const KvmConfigSchema = z.object({
   qemuBinary: z.string().default('qemu-system-x86_64'),
   qemuImgBinary: z.string().default('qemu-img'),
@@ -92,8 +127,13 @@ export const KvmConfigSchema = z.object({
    * guest can open no connection (not to the host's 127.0.0.1). `user`: also
    * outbound, and the guest reaches the host's loopback at 10.0.2.2. `passt`:
    * outbound without the host's loopback; needs a passt newer than Debian 12's for the SSH forward.
+   * `tap`: internet, fenced from the host, private ranges and other guests by
+   * nftables; needs the install-time setup (see `tap`). The default stays
+   * `restricted` because it needs no setup as root; the example config and
+   * README's install section use `tap`.
    */
-  network: z.enum(['restricted', 'user', 'passt']).default('restricted'),
+  network: z.enum(['restricted', 'user', 'passt', 'tap']).default('restricted'),
+  tap: TapSchema.prefault({}),
   passtBinary: z.string().default('passt'),
   /**
    * Nice value every guest's qemu gets once started (its threads and its
@@ -120,6 +160,12 @@ export const KvmConfigSchema = z.object({
   readiness: z.enum(['cloud-init', 'ssh-banner']).default('cloud-init'),
   /** After this long without readiness the VM is deleted and the owner gets `boot_failed`. */
   readyTimeoutMs: z.number().int().min(1000).default(300_000),
+}).superRefine((kvm, ctx) => {
+  if (kvm.network !== 'tap') return;
+  const ports = kvm.portRange.to - kvm.portRange.from + 1;
+  if (kvm.tap.slots > ports) ctx.addIssue({ code: 'custom', path: ['tap', 'slots'], message: `must be at most the port range's size (${ports}): slot i uses port portRange.from + i` });
+  const problem = tapConfigProblem({ ...kvm.tap, firstPort: kvm.portRange.from });
+  if (problem) ctx.addIssue({ code: 'custom', path: ['tap'], message: problem });
 });
 
 export const ConfigSchema = z

@@ -5,6 +5,8 @@
 import type { Config } from '../config/schema.js';
 import { checkAccel, checkBaseImage, checkDiskSpace, checkKeyFile, checkPorts, checkPublicHost, checkRelays, checkTools, checkWritableDir } from './checks.js';
 import type { CheckResult } from './report.js';
+import { checkPasst, networkModeRow, netStatusRows } from '../hostnet/checks.js';
+import { tapNetworkOf } from '../drivers/kvm/config.js';
 
 export { hasBlocker, renderTable, type CheckResult, type CheckStatus } from './report.js';
 
@@ -33,7 +35,11 @@ export async function runChecks(cfg: Config, opts: DoctorOptions): Promise<Check
     rows.push(await checkWritableDir('vm dir', 'drivers.kvm.vmRoot', kvm.vmRoot));
     rows.push(await checkWritableDir('overlay cache', 'drivers.kvm.overlayTemplateDir', kvm.overlayTemplateDir));
     rows.push(await checkDiskSpace(kvm.vmRoot, cfg.limits.diskReserveGb, cfg.plans));
-    rows.push(await checkPorts(kvm));
+    // Tap slot ports are DNAT'ed by nftables: nothing binds them.
+    if (kvm.network !== 'tap') rows.push(await checkPorts(kvm));
+    if (kvm.network === 'tap') rows.push(...(await netStatusRows(tapNetworkOf(kvm))));
+    else if (kvm.network === 'passt') rows.push(await checkPasst(kvm.passtBinary));
+    else rows.push(networkModeRow(kvm.network)!);
   }
   rows.push(checkPublicHost(cfg.provider.publicHost, kvm?.bindAddress));
   if (relays) rows.push(...(await relays));

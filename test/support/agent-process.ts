@@ -39,6 +39,8 @@ export interface AgentProcessOptions {
   compiled?: boolean;
   /** How long to wait for `agent listening`. Default 20000. */
   startTimeoutMs?: number;
+  /** Run the agent inside this network namespace (`ip netns exec`, which execs: the pid stays the agent's). */
+  netns?: string;
 }
 
 /** The node flags the systemd unit starts the agent with: a compiled test agent runs as production does. */
@@ -132,7 +134,9 @@ export async function startAgentProcess(opts: AgentProcessOptions): Promise<Agen
   const waiters = new Set<() => void>();
   const cli = opts.compiled ? [...unitNodeFlags(), COMPILED_AGENT_CLI] : ['--import', 'tsx', AGENT_CLI];
   // Tests run as root here; the agent refuses that without the flag.
-  const proc = execa('node', [...cli, 'run', '--allow-root', '--config', configPath], {
+  const command = ['node', ...cli, 'run', '--allow-root', '--config', configPath];
+  if (opts.netns) command.unshift('ip', 'netns', 'exec', opts.netns);
+  const proc = execa(command[0]!, command.slice(1), {
     reject: false,
     stdin: 'ignore',
     all: true,

@@ -28,13 +28,14 @@ export const TINY_GUEST_MARKER = 'paygress-tiny-guest: up';
 export const TINY_GUEST_BANNER = 'SSH-2.0-paygress-tiny';
 export const TINY_GUEST_APPEND = 'console=ttyS0 quiet';
 /** GUEST_VERSION in scripts/build-tiny-guest.sh: an older cached build is rebuilt. */
-export const TINY_GUEST_VERSION = '2';
+export const TINY_GUEST_VERSION = '3';
 
 export const TINY_GUEST_BUILD_SCRIPT = guestBuildScript('tiny');
 
 /** Where the guest lives; the same rule as the build script (PAYGRESS_CACHE_DIR or ~/.cache/paygress-agent). */
 export function tinyGuestPaths(env: NodeJS.ProcessEnv = process.env): TinyGuest {
-  const dir = guestDir('tiny', env);
+  // Versioned, as in the build script: checkouts expecting other versions share the cache.
+  const dir = `${guestDir('tiny', env)}-v${TINY_GUEST_VERSION}`;
   return {
     dir,
     kernel: join(dir, 'vmlinuz'),

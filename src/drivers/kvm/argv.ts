@@ -45,9 +45,12 @@ export interface QemuArgs {
    * host's loopback at 10.0.2.2). `restricted`: the same with `restrict=on`:
    * the SSH hostfwd still works, every guest-initiated connection is dropped.
    * `passt`: connect to the workload's passt socket, which owns the SSH
-   * forward. Default `user`; the driver picks.
+   * forward. `tap`: open the persistent tap `tap.device` (made at install
+   * time, see src/hostnet/) with the slot's MAC. Default `user`; the driver picks.
    */
-  network?: 'user' | 'restricted' | 'passt';
+  network?: 'user' | 'restricted' | 'passt' | 'tap';
+  /** With `network: 'tap'`. */
+  tap?: { device: string; mac: string };
 }
 
 /** The serial console's chardev id, for QMP's ringbuf-read. */
@@ -91,6 +94,22 @@ function positiveInt(value: number, what: string): string {
   return String(value);
 }
 
+const TAP_DEVICE_RE = /^[a-z][a-z0-9]{0,14}$/;
+const MAC_RE = /^([0-9a-f]{2}:){5}[0-9a-f]{2}$/;
+
+function networkArgs(a: QemuArgs): string[] {
+  if (a.network === 'tap') {
+    if (!a.tap || !TAP_DEVICE_RE.test(a.tap.device) || !MAC_RE.test(a.tap.mac)) throw new RangeError('tap mode needs a tap device name and a MAC');
+    // script=no: the tap is set up already; qemu (unprivileged) only opens it.
+    return ['-netdev', `tap,id=net0,ifname=${a.tap.device},script=no,downscript=no`, '-device', `virtio-net-pci,netdev=net0,mac=${a.tap.mac}`];
+  }
+  const netdev = a.network === 'passt'
+    // passt listens on the SSH port itself; qemu only talks to its socket.
+    ? `stream,id=net0,server=off,addr.type=unix,addr.path=${opt(vmFile(a.dir, 'passtSocket'))}`
+    : `user,id=net0,${a.network === 'restricted' ? 'restrict=on,' : ''}hostfwd=tcp:${opt(a.bindAddress)}:${a.sshPort}-:22`;
+  return ['-netdev', netdev, '-device', 'virtio-net-pci,netdev=net0'];
+}
+
 export function buildQemuArgv(a: QemuArgs): string[] {
   if (!UUID_RE.test(a.uuid)) throw new RangeError('uuid must be a canonical UUID');
   if (!path.isAbsolute(a.dir)) throw new RangeError('dir must be absolute');
@@ -116,11 +135,7 @@ export function buildQemuArgv(a: QemuArgs): string[] {
     '-serial', `chardev:${CONSOLE_DEVICE}`,
     '-drive', `file=${opt(vmFile(a.dir, 'disk'))},if=virtio,format=qcow2,cache=writeback`,
     ...(a.seedAtStart ? ['-drive', `file=${opt(vmFile(a.dir, 'seed'))},if=virtio,format=raw,readonly=on`] : []),
-    '-netdev', a.network === 'passt'
-      // passt listens on the SSH port itself; qemu only talks to its socket.
-      ? `stream,id=net0,server=off,addr.type=unix,addr.path=${opt(vmFile(a.dir, 'passtSocket'))}`
-      : `user,id=net0,${a.network === 'restricted' ? 'restrict=on,' : ''}hostfwd=tcp:${opt(a.bindAddress)}:${a.sshPort}-:22`,
-    '-device', 'virtio-net-pci,netdev=net0',
+    ...networkArgs(a),
   ];
   if (a.kernel !== undefined) {
     argv.push('-kernel', plain(a.kernel));

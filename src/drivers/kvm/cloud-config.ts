@@ -17,11 +17,24 @@ export interface CloudConfigInput {
   finalMessageToken: string;
   /** NoCloud instance-id; must be unique per workload so cloud-init runs its first-boot modules. */
   instanceId: string;
+  /** Static guest network (tap mode); absent: the image's default (DHCP / user-mode network). */
+  network?: GuestNetwork;
+}
+
+/** One NIC, found by its MAC, with a fixed address, default route and resolver. */
+export interface GuestNetwork {
+  mac: string;
+  /** `a.b.c.d/len` */
+  address: string;
+  gateway: string;
+  dns: string;
 }
 
 export interface SeedFiles {
   userData: string;
   metaData: string;
+  /** NoCloud `network-config` (version 2), when the guest gets a static network. */
+  networkConfig?: string;
 }
 
 /**
@@ -76,6 +89,25 @@ export function cloudConfigObject(input: CloudConfigInput): Record<string, unkno
   };
 }
 
+/**
+ * NoCloud network-config, version 2 (cloud-init 22.4 renders it for ifupdown,
+ * netplan or networkd alike). Matched by MAC: the NIC's name differs between
+ * images.
+ */
+export function networkConfigObject(net: GuestNetwork): Record<string, unknown> {
+  return {
+    version: 2,
+    ethernets: {
+      net0: {
+        match: { macaddress: net.mac },
+        addresses: [net.address],
+        routes: [{ to: '0.0.0.0/0', via: net.gateway }],
+        nameservers: { addresses: [net.dns] },
+      },
+    },
+  };
+}
+
 export function metaDataObject(input: CloudConfigInput): Record<string, unknown> {
   return { 'instance-id': input.instanceId, 'local-hostname': input.hostname };
 }
@@ -89,5 +121,6 @@ export function buildCloudConfig(input: CloudConfigInput): SeedFiles {
   return {
     userData: `#cloud-config\n${stringify(cloudConfigObject(input), SEED_YAML_OPTIONS)}`,
     metaData: stringify(metaDataObject(input), SEED_YAML_OPTIONS),
+    ...(input.network ? { networkConfig: stringify(networkConfigObject(input.network), SEED_YAML_OPTIONS) } : {}),
   };
 }

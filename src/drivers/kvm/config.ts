@@ -2,6 +2,8 @@
  * Configuration of the KVM/qemu driver. Plain TypeScript: the agent's zod
  * config schema produces exactly this shape (and owns the defaults).
  */
+import type { TapNetworkConfig } from '../../hostnet/plan.js';
+
 export interface KvmDriverConfig {
   /** qemu system emulator, e.g. `qemu-system-x86_64`. */
   qemuBinary: string;
@@ -49,9 +51,13 @@ export interface KvmDriverConfig {
    * and reaches the host's 127.0.0.1 at 10.0.2.2. `passt`: one passt per VM
    * with `--no-map-gw`: outbound access without the host's loopback, but
    * Debian 12's passt (git20230309) does not complete inbound TCP to the
-   * guest, so the SSH forward needs a newer passt.
+   * guest, so the SSH forward needs a newer passt. `tap`: one persistent
+   * tap per guest from the pool the install-time setup made (src/hostnet/),
+   * fenced by its nftables table; `tap` must be set then.
    */
-  network?: 'restricted' | 'user' | 'passt';
+  network?: 'restricted' | 'user' | 'passt' | 'tap';
+  /** The tap pool (src/hostnet/plan.ts); slot i's SSH port is `portRange.from + i`. */
+  tap?: Omit<TapNetworkConfig, 'firstPort'>;
   /** e.g. `passt`. */
   passtBinary?: string;
   /**
@@ -75,4 +81,10 @@ export interface KvmDriverConfig {
    * unit set. Absent: left as inherited.
    */
   guestOomScoreAdj?: number;
+}
+
+/** The slot plan's input for a driver config in `tap` mode. */
+export function tapNetworkOf(config: Pick<KvmDriverConfig, 'tap' | 'portRange'>): TapNetworkConfig {
+  if (!config.tap) throw new RangeError('network "tap" needs drivers.kvm.tap');
+  return { ...config.tap, firstPort: config.portRange.from };
 }

@@ -23,8 +23,10 @@ import {
 import { resolveAccel } from './accel.js';
 import { attachSeedAndStart, buildQemuArgv, readConsoleRing, SUN_PATH_MAX, vmFile } from './argv.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
-import type { KvmDriverConfig } from './config.js';
+import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
+import { SlotAllocator } from './slots.js';
+import type { TapSlot } from '../../hostnet/plan.js';
 import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
@@ -38,6 +40,8 @@ export interface VmMeta {
   name: string;
   uuid: string;
   sshPort: number;
+  /** Tap network slot (src/hostnet/plan.ts), in `tap` mode. */
+  slot?: number;
   createdAt: string;
   /** Appears in cloud-init's final message on the serial console. Not a secret. */
   readyToken: string;
@@ -57,6 +61,8 @@ function tail(text: string | undefined, max = 2000): string {
 export class KvmDriver implements ComputeDriver {
   readonly kind = 'kvm';
   private readonly ports: PortAllocator;
+  /** In `tap` mode: the slot pool; the slot's port replaces the port allocator's. */
+  private readonly slots: SlotAllocator | undefined;
   private readonly overlays: OverlayTemplates;
   private accel: Promise<'kvm' | 'tcg'> | undefined;
   /** Console text kept per workload being watched (the file's content, or newer when the disk was full). */
@@ -81,6 +87,7 @@ export class KvmDriver implements ComputeDriver {
       throw new RangeError(`vmRoot is too long: its workloads' socket paths would exceed ${SUN_PATH_MAX} bytes (keep drivers.kvm.vmRoot at most ${room} bytes)`);
     }
     this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
+    this.slots = config.network === 'tap' ? new SlotAllocator(tapNetworkOf(config)) : undefined;
     this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);
   }
 
@@ -128,6 +135,7 @@ export class KvmDriver implements ComputeDriver {
     let dirCreated = false;
     let port: number | undefined;
     let pid: number | undefined;
+    let slot: TapSlot | undefined;
 
     try {
       await mkdir(config.vmRoot, { recursive: true, mode: 0o700 });
@@ -151,12 +159,14 @@ export class KvmDriver implements ComputeDriver {
       const uuid = randomUUID();
       const readyToken = randomBytes(12).toString('base64url');
       const launched: { port?: number; pid?: number } = {};
-      const seed = this.writeSeed(dir, spec, { readyToken, instanceId: `${id}-${uuid}` }, log);
+      // The seed carries the slot's addresses, so the slot is taken before both.
+      slot = await this.allocateSlot();
+      const seed = this.writeSeed(dir, spec, { readyToken, instanceId: `${id}-${uuid}`, slot }, log);
       const launch = (async () => {
         const overlayStart = Date.now();
         await this.createOverlay(dir, spec.diskGb);
         log.info({ phase: 'overlay', ms: Date.now() - overlayStart }, 'disk overlay created');
-        await this.launch({ dir, name, uuid, readyToken, spec, log }, launched);
+        await this.launch({ dir, name, uuid, readyToken, spec, log, slot }, launched);
       })();
       const [seedDone, launchDone] = await Promise.allSettled([seed, launch]);
       port = launched.port;
@@ -184,7 +194,8 @@ export class KvmDriver implements ComputeDriver {
         await rm(dir, { recursive: true, force: true }).catch((rmErr: unknown) =>
           log.error({ err: rmErr }, 'could not remove workload directory after a failed create'));
       }
-      if (port !== undefined) this.ports.release(port);
+      if (slot !== undefined) this.slots?.release(slot.index);
+      else if (port !== undefined) this.ports.release(port);
       const derr = err instanceof DriverError ? err : new DriverError('internal', errText(err));
       log.warn({ code: derr.code, detail: derr.detail, ms: Date.now() - t0 }, `create failed: ${derr.message}`);
       throw derr;
@@ -195,9 +206,10 @@ export class KvmDriver implements ComputeDriver {
   private async writeSeed(
     dir: string,
     spec: WorkloadSpec,
-    ids: { readyToken: string; instanceId: string },
+    ids: { readyToken: string; instanceId: string; slot?: TapSlot },
     log: Logger,
   ): Promise<void> {
+    const { slot } = ids;
     const seedStart = Date.now();
     const files = buildCloudConfig({
       hostname: spec.hostname,
@@ -205,6 +217,12 @@ export class KvmDriver implements ComputeDriver {
       sshKeys: spec.sshKeys,
       finalMessageToken: ids.readyToken,
       instanceId: ids.instanceId,
+      network: slot && {
+        mac: slot.mac,
+        address: `${slot.guestAddress}/${slot.prefixLength}`,
+        gateway: slot.hostAddress,
+        dns: this.config.tap!.dnsResolver,
+      },
     });
     try {
       await writeSeedIso({ dir, isoTool: this.config.isoTool, files, output: vmFile(dir, 'seed') });
@@ -221,21 +239,22 @@ export class KvmDriver implements ComputeDriver {
    * caller's cleanup.
    */
   private async launch(
-    vm: { dir: string; name: string; uuid: string; readyToken: string; spec: WorkloadSpec; log: Logger },
+    vm: { dir: string; name: string; uuid: string; readyToken: string; spec: WorkloadSpec; log: Logger; slot?: TapSlot },
     taken: { port?: number; pid?: number },
   ): Promise<void> {
     const { config } = this;
-    const { dir, name, uuid, readyToken, spec, log } = vm;
+    const { dir, name, uuid, readyToken, spec, log, slot } = vm;
     const accel = await this.resolvedAccel();
     const tried = new Set<number>();
     /** The pid the early pass already lowered, if any. */
     let loweredEarly: number | undefined;
     for (let attempt = 1; ; attempt++) {
-      const port = await this.ports.allocate(tried);
+      // A slot's port is forwarded by nftables, not bound by qemu: nothing to try.
+      const port = slot ? slot.port : await this.ports.allocate(tried);
       if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
       taken.port = port;
       tried.add(port);
-      const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, createdAt: new Date().toISOString(), readyToken };
+      const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
       await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
 
       if (this.network === 'passt' && (await this.startPasst(dir, port, log)) === 'port-taken') {
@@ -263,6 +282,7 @@ export class KvmDriver implements ComputeDriver {
         initrd: config.initrd,
         append: config.append,
         network: this.network,
+        tap: slot && { device: slot.tap, mac: slot.mac },
       });
       const t = Date.now();
       const launcher = execa(config.qemuBinary, argv, {
@@ -280,7 +300,7 @@ export class KvmDriver implements ComputeDriver {
       if (res.exitCode === 0) break;
 
       const stderr = tail(res.stderr as string | undefined);
-      if (stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
+      if (!slot && stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
         // The parent failed, but a child may exist: stop it before the next try.
         // (On the throws below, createLocked's cleanup stops it.)
         await this.killByName(name, dir);
@@ -378,8 +398,21 @@ export class KvmDriver implements ComputeDriver {
     return undefined;
   }
 
-  private get network(): 'restricted' | 'user' | 'passt' {
+  private get network(): 'restricted' | 'user' | 'passt' | 'tap' {
     return this.config.network ?? 'restricted';
+  }
+
+  /** In `tap` mode a free slot (or a capacity error); otherwise undefined. */
+  private async allocateSlot(): Promise<TapSlot | undefined> {
+    if (!this.slots) return undefined;
+    const recorded = new Set<number>();
+    for (const id of await this.list()) {
+      const meta = await this.readMeta(id);
+      if (meta?.slot !== undefined) recorded.add(meta.slot);
+    }
+    const slot = this.slots.allocate(recorded);
+    if (!slot) throw new DriverError('capacity', 'no free guest network slot (drivers.kvm.tap.slots)');
+    return slot;
   }
 
   /**
@@ -456,7 +489,8 @@ export class KvmDriver implements ComputeDriver {
     }
     await rm(dir, { recursive: true, force: true });
     this.consoles.delete(id);
-    if (meta) this.ports.release(meta.sshPort);
+    if (meta?.slot !== undefined) this.slots?.release(meta.slot);
+    else if (meta) this.ports.release(meta.sshPort);
     if (existed) log.info({ phase: 'destroy', ms: Date.now() - t0 }, 'workload destroyed');
     else log.debug('destroy: no such workload, nothing to do');
   }
@@ -531,7 +565,8 @@ export class KvmDriver implements ComputeDriver {
   async waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult> {
     const t0 = Date.now();
     const dir = this.workloadDir(id);
-    const host = probeHost(this.config.bindAddress);
+    // vm.json is written once at launch: port and token are read once, not per poll.
+    const meta = await this.readMeta(id);
     const needCloudInit = this.config.readiness === 'cloud-init';
     let banner = false;
     const failed = async (reason: 'died' | 'timeout'): Promise<ReadyResult> => ({
@@ -542,9 +577,11 @@ export class KvmDriver implements ComputeDriver {
       consoleTail: consoleTail(await this.readConsole(id)),
     });
     try {
-      // vm.json is written once at launch: port and token are read once, not per poll.
-      const meta = await this.readMeta(id);
       if (!meta) return await failed('died');
+      // A tap guest is probed on its own address: the host routes to it directly.
+      const tapSlot = meta.slot !== undefined && this.slots ? this.slots.slot(meta.slot) : undefined;
+      const host = tapSlot ? tapSlot.guestAddress : probeHost(this.config.bindAddress);
+      const sshPort = tapSlot ? 22 : meta.sshPort;
       const name = this.vmName(id);
       for (;;) {
         const pid = await readPidfile(vmFile(dir, 'pidfile'));
@@ -554,7 +591,7 @@ export class KvmDriver implements ComputeDriver {
         const console = await this.readConsole(id);
         // The banner is cheap to keep probing until it first answers; after that
         // only the console marker is awaited.
-        banner ||= await probeSshBanner(host, meta.sshPort, 2000);
+        banner ||= await probeSshBanner(host, sshPort, 2000);
         if (banner && (!needCloudInit || console.includes(finalMessageFor(meta.readyToken)))) {
           return { ready: true, ms: Date.now() - t0 };
         }

@@ -14,9 +14,14 @@ export async function writeSeedIso(opts: { dir: string; isoTool: string; files: 
   try {
     await writeFile(path.join(tmp, 'user-data'), opts.files.userData, { mode: 0o600, flag: 'wx' });
     await writeFile(path.join(tmp, 'meta-data'), opts.files.metaData, { mode: 0o600, flag: 'wx' });
+    const names = ['user-data', 'meta-data'];
+    if (opts.files.networkConfig !== undefined) {
+      await writeFile(path.join(tmp, 'network-config'), opts.files.networkConfig, { mode: 0o600, flag: 'wx' });
+      names.push('network-config');
+    }
     await execa(
       opts.isoTool,
-      ['-quiet', '-output', opts.output, '-volid', 'cidata', '-joliet', '-rock', 'user-data', 'meta-data'],
+      ['-quiet', '-output', opts.output, '-volid', 'cidata', '-joliet', '-rock', ...names],
       { cwd: tmp, stdin: 'ignore', stdout: 'ignore', stderr: 'pipe' },
     );
     await chmod(opts.output, 0o600);
