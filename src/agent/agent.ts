@@ -685,6 +685,12 @@ export class Agent {
     };
   }
 
+  /** The access details again (after a restart cut the first reply short), in the shape its owner's client reads. */
+  resentAccessDetails(lease: Lease): Reply {
+    const reply = this.accessDetails(lease);
+    return lease.dialect === 'upstream' ? toUpstreamReply(reply, { kind: 'spawn', plans: this.opts.plans }) : reply;
+  }
+
   /** True while the readiness watch of this workload runs (it has not been reported ready or failed yet). */
   isBooting(workloadId: string): boolean {
     return this.booting.has(workloadId);

@@ -46,7 +46,7 @@ export class Supervisor {
       if (lease) {
         // The spawn finished but the agent died before or while replying: answer now.
         this.log.info({ requestId: entry.requestId, workloadId: entry.workloadId }, 'resending access details after restart');
-        await this.send(lease, agent.accessDetails(lease));
+        await this.send(lease, agent.resentAccessDetails(lease));
       } else {
         await drivers[entry.driver]?.destroy(entry.workloadId).catch((err: Error) =>
           this.log.error({ workloadId: entry.workloadId, err: err.message }, 'could not clean up an interrupted spawn'),
@@ -143,7 +143,7 @@ export class Supervisor {
     };
   }
 
-  private async send(lease: Lease, message: WorkloadNotice | ReturnType<Agent['accessDetails']>): Promise<void> {
+  private async send(lease: Lease, message: WorkloadNotice | ReturnType<Agent['resentAccessDetails']>): Promise<void> {
     // Upstream's client takes the first DM it sees for its reply: unprompted notices would be misread.
     if (lease.dialect === 'upstream' && message.type !== 'access_details') return;
     await this.opts.outbox

@@ -5,7 +5,10 @@
  * guest. Ports 47450-47499.
  */
 import { createServer, type Server } from 'node:net';
-import { readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { execa } from 'execa';
+import { nsecEncode } from 'nostr-tools/nip19';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { generateSecretKey, getPublicKey } from 'nostr-tools';
@@ -23,6 +26,7 @@ import { startAgentProcess, type AgentProcess, type GuestPaths } from '../suppor
 import { qemuPidsMatching, until } from '../support/net.js';
 
 const PASSWORD = 'paid-passw0rd-for-tests';
+const CONSUMER_CLI = new URL('../../src/cli/consumer.ts', import.meta.url).pathname;
 const RATE = 1000; // msat per second: 1 sat buys 1 s
 const MAX_LEASE = 600;
 
@@ -262,6 +266,39 @@ describe('upstream client', () => {
   }, 480_000);
 });
 
+describe('consumer CLI', () => {
+  it('pays from --token-file and --token-stdin, and prints the refund token on a line of its own', async () => {
+    const home = mkdtempSync(join(tmpdir(), 'pga-paycli-'));
+    const tokenFile = join(home, 'token.txt');
+    writeFileSync(tokenFile, `${await consumerToken(mint, 1000)}\n`, { mode: 0o600 });
+    const env = { PAYGRESS_NSEC: nsecEncode(generateSecretKey()), PAYGRESS_ROOT_PASSWORD: PASSWORD, XDG_CONFIG_HOME: home };
+    const common = ['--provider', agent.pubkey, '--relay', relay.url];
+    const spawned = await execa('node', ['--import', 'tsx', CONSUMER_CLI, 'spawn', ...common, '--token-file', tokenFile], { env, reject: false, stdin: 'ignore', timeout: 90_000 });
+    expect(spawned.exitCode).toBe(0);
+    const refundLine = spawned.stdout.split('\n').find((l) => l.startsWith('refund token (400 sat): '));
+    expect(refundLine).toBeDefined();
+    expect(await redeemElsewhere(refundLine!.slice('refund token (400 sat): '.length))).toBe(400);
+    const id = /workload (w-[0-9a-f]{12})/.exec(spawned.stdout)?.[1];
+    expect(id).toBeDefined();
+
+    const small = await consumerToken(mint, 10);
+    const topped = await execa('node', ['--import', 'tsx', CONSUMER_CLI, 'topup', ...common, id!, '--token-stdin', '--json'], {
+      env,
+      reject: false,
+      input: small,
+      timeout: 90_000,
+    });
+    // At the maximum already: refused before the swap, the token untouched.
+    expect(topped.exitCode).toBe(2);
+    expect(JSON.parse(topped.stdout)).toMatchObject({ type: 'error', code: 'invalid_request' });
+    expect(states(small).every((st) => st === 'UNSPENT')).toBe(true);
+    const usage = await execa('node', ['--import', 'tsx', CONSUMER_CLI, 'topup', ...common, id!], { env, reject: false, stdin: 'ignore', timeout: 90_000 });
+    expect(usage.exitCode).toBe(64);
+    const stopped = await execa('node', ['--import', 'tsx', CONSUMER_CLI, 'stop', ...common, id!], { env, reject: false, stdin: 'ignore', timeout: 90_000 });
+    expect(stopped.stdout).toContain('stopped');
+  });
+});
+
 describe('a paid guest that never boots', () => {
   it('is answered boot_failed with everything its lease held refunded', async () => {
     const c = await client();
@@ -317,6 +354,7 @@ describe('failures after the swap', () => {
       expect(states(token).every((s) => s === 'SPENT')).toBe(true);
       mint.afterSwap = undefined;
       const restarted = await start({ ports: { from: 47471, to: 47474 }, root: second.root, sk: second.sk });
+      second = restarted;
       const r = await answer;
       expect(r).toMatchObject({ type: 'error', paid_msats: 90_000, refund_msats: 90_000, refund_token: expect.stringMatching(/^cashu[AB]/) });
       expect(await redeemElsewhere(r.refund_token as string)).toBe(90);
@@ -325,6 +363,27 @@ describe('failures after the swap', () => {
     } finally {
       mint.afterSwap = undefined;
     }
+  });
+
+  it('SIGKILL while the VM is being made after the swap: the next start answers, the money kept for a lease or refunded in full', async () => {
+    const c = await client(second);
+    const answer = c.request(spawnRequest(await consumerToken(mint, 95)), { timeoutMs: 120_000 });
+    await second.waitForLog(/payment received/, 60_000);
+    await second.kill();
+    const restarted = await start({ ports: { from: 47471, to: 47474 }, root: second.root, sk: second.sk });
+    const r = await answer;
+    if (r.type === 'access_details') {
+      // The lease was written before the kill: the payment stays with it.
+      expect(r).toMatchObject({ paid_msats: 95_000, refund_msats: 0 });
+      await stop(c, r.workload_id);
+    } else {
+      expect(r).toMatchObject({ type: 'error', paid_msats: 95_000, refund_msats: 95_000, refund_token: expect.stringMatching(/^cashu[AB]/) });
+      expect(await redeemElsewhere(r.refund_token as string)).toBe(95);
+      // Whatever the killed spawn had made of the VM is gone.
+      expect(qemuPidsMatching(restarted.vmRoot)).toEqual([]);
+    }
+    expect(readdirSync(join(restarted.stateDir, 'payments'))).toEqual([]);
+    expect(readdirSync(join(restarted.stateDir, 'inflight'))).toEqual([]);
   });
 });
 
