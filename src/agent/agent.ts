@@ -298,6 +298,12 @@ export class Agent {
     this.queue.setLimits(policy.maxConcurrentRequests, policy.maxQueuedRequests);
   }
 
+  /** Who may spawn (config reload): applies from the next spawn on; running workloads keep their leases. */
+  updateAdmission(admission: Pick<AgentOptions, 'admissionMode' | 'allowlist'>): void {
+    this.opts.admissionMode = admission.admissionMode;
+    this.opts.allowlist = admission.allowlist;
+  }
+
   /** Stop taking new work and wait for requests in flight. */
   async drain(): Promise<void> {
     this.accepting = false;

@@ -69,6 +69,11 @@ export interface PaymentFlowOptions {
 export class PaymentFlow {
   constructor(private readonly opts: PaymentFlowOptions) {}
 
+  /** New bounds (config reload): the next spawn or top-up is priced by them. */
+  setPolicy(policy: PricingPolicy): void {
+    this.opts.policy = policy;
+  }
+
   get policy(): PricingPolicy {
     return this.opts.policy;
   }

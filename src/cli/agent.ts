@@ -19,7 +19,7 @@ const USAGE = `usage: paygress-agent run|doctor|wallet|net up|down|status [--con
   run      check the host (as doctor, without relays), then listen on the
            configured relays and serve spawn/stop/status DMs. Refuses to run
            as root (qemu would run as root too) unless --allow-root is given.
-           SIGHUP re-reads the config: plans, limits, relays and logLevel
+           SIGHUP re-reads the config: plans, limits, admission, relays and logLevel
            apply at once; other changed fields are reported and need a restart
   doctor   check KVM, qemu, the base image, the key file, directories, the
            port range, each relay and the public host; print a table with a

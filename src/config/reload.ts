@@ -4,7 +4,8 @@
  * says which changed fields apply live and which need a restart.
  *
  * Live: relays (connections are added and dropped), logLevel, plans and
- * defaultPlan (the next spawn uses them), limits (the next request sees them).
+ * defaultPlan (the next spawn uses them), limits (the next request sees them),
+ * admission (who may spawn and the paid-lease bounds: the next spawn or top-up).
  * Everything else names a resource the running agent already holds (its key,
  * its state and VM folders, the driver's qemu settings, timers) and is kept
  * until a restart.
@@ -12,7 +13,7 @@
 import type { Config } from './schema.js';
 
 /** Top-level fields a reload applies; changes below them apply too. */
-export const LIVE_FIELDS = ['relays', 'logLevel', 'plans', 'defaultPlan', 'limits'] as const;
+export const LIVE_FIELDS = ['relays', 'logLevel', 'plans', 'defaultPlan', 'limits', 'admission'] as const;
 export type LiveField = (typeof LIVE_FIELDS)[number];
 
 export interface ReloadPlan {
@@ -53,6 +54,7 @@ export function applyLiveFields(running: Config, next: Config): Config {
     plans: next.plans,
     defaultPlan: next.defaultPlan,
     limits: next.limits,
+    admission: next.admission,
   };
 }
 

@@ -93,8 +93,9 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     policy: { minimumSeconds: cfg.admission.minimumDurationSeconds, maxLeaseSeconds: cfg.admission.maxLeaseSeconds },
     logger: logger.child({ part: 'payment' }),
   });
-  const allowlist =
-    cfg.admission.mode === 'allowlist' ? new Allowlist(cfg.admission.allowlist, cfg.admission.allowlistFile, logger.child({ part: 'allowlist' })) : undefined;
+  const allowlistOf = (admission: Config['admission']) =>
+    admission.mode === 'allowlist' ? new Allowlist(admission.allowlist, admission.allowlistFile, logger.child({ part: 'allowlist' })) : undefined;
+  const allowlist = allowlistOf(cfg.admission);
   logger.info({ mode: cfg.admission.mode, whitelistedMints: cfg.admission.mode === 'paid' ? cfg.payment.whitelistedMints : [] }, 'admission');
   const hostCapacity = resolveHostCapacity(cfg.limits.hostCapacity);
   logger.info({ hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
@@ -260,6 +261,10 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
         maxConcurrentRequests: after.limits.maxConcurrentRequests,
         maxQueuedRequests: after.limits.maxQueuedRequests,
       });
+      if (plan.live.some((path) => path.startsWith('admission'))) {
+        agent.updateAdmission({ admissionMode: after.admission.mode, allowlist: allowlistOf(after.admission) });
+        payment.setPolicy({ minimumSeconds: after.admission.minimumDurationSeconds, maxLeaseSeconds: after.admission.maxLeaseSeconds });
+      }
       cfg = after;
       return plan;
     },

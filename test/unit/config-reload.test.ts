@@ -22,6 +22,16 @@ describe('config reload: what changed, what applies live', () => {
     expect(plan.live.sort()).toEqual(['limits.maxVms', 'logLevel', 'plans', 'relays']);
   });
 
+  it('who may spawn applies live (allowlist keys, mode, paid-lease bounds); the wallet config needs a restart', () => {
+    const next = structuredClone(example);
+    next.admission = { ...next.admission, mode: 'allowlist', allowlist: ['a'.repeat(64)], maxLeaseSeconds: 3600 };
+    next.payment = { ...next.payment, mintTimeoutMs: 20_000 };
+    const plan = planReload(parse(example), parse(next));
+    expect(plan.live.sort()).toEqual(['admission.allowlist', 'admission.maxLeaseSeconds', 'admission.mode']);
+    expect(plan.needsRestart).toEqual(['payment.mintTimeoutMs']);
+    expect(applyLiveFields(parse(example), parse(next)).admission.allowlist).toEqual(['a'.repeat(64)]);
+  });
+
   it('fields naming what the agent holds (state dir, key, VM root, qemu) need a restart', () => {
     const next = structuredClone(example);
     next.stateDir = '/srv/elsewhere';
