@@ -48,19 +48,8 @@ for tool in mmdebstrap mkfs.ext4 qemu-img flock; do
   command -v "$tool" >/dev/null || { log "missing tool: $tool"; exit 1; }
 done
 
-# Pick the Debian mirrors apt on this machine already uses (the only reachable
-# ones here). deb822 (.sources) and one-line (.list) formats are both read.
-detect_mirror() { # $1 = "debian" or "debian-security"
-  local want="$1" uri
-  uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | grep -v '^[[:space:]]*#' \
-    | grep -oE '(https?|file)://[^[:space:]]+' \
-    | sed 's:/*$::' \
-    | grep -E "/${want}\$" | head -n1 || true)
-  printf '%s' "${uri:-http://deb.debian.org/${want}}"
-}
-MIRROR="${PAYGRESS_DEBIAN_MIRROR:-$(detect_mirror debian)}"
-SECURITY_MIRROR="${PAYGRESS_DEBIAN_SECURITY_MIRROR:-$(detect_mirror debian-security)}"
+# shellcheck source=lib/debian-mirror.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/debian-mirror.sh"
 
 mkdir -p "$GUESTS_DIR"
 # One build at a time: a second caller waits, then finds the outputs in place.

@@ -43,17 +43,8 @@ for tool in mmdebstrap zstd flock; do
   command -v "$tool" >/dev/null || { log "missing tool: $tool (bash scripts/install-deps.sh)"; exit 1; }
 done
 
-detect_mirror() { # $1 = "debian" or "debian-security"
-  local want="$1" uri
-  uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
-    | grep -v '^[[:space:]]*#' \
-    | grep -oE '(https?|file)://[^[:space:]]+' \
-    | sed 's:/*$::' \
-    | grep -E "/${want}\$" | head -n1 || true)
-  printf '%s' "${uri:-http://deb.debian.org/${want}}"
-}
-MIRROR="${PAYGRESS_DEBIAN_MIRROR:-$(detect_mirror debian)}"
-SECURITY_MIRROR="${PAYGRESS_DEBIAN_SECURITY_MIRROR:-$(detect_mirror debian-security)}"
+# shellcheck source=lib/debian-mirror.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/debian-mirror.sh"
 
 mkdir -p "$OUT_DIR"
 exec 9>"$OUT_DIR/.lock"

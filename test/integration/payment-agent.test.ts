@@ -12,14 +12,14 @@ import { nsecEncode } from 'nostr-tools/nip19';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { generateSecretKey, getPublicKey } from 'nostr-tools';
-import { getDecodedToken, getEncodedToken, Wallet } from '@cashu/cashu-ts';
+import { getDecodedToken, Wallet } from '@cashu/cashu-ts';
 import { ConsumerClient, type ReplyMessage } from '../../src/client/consumer.js';
 import { openDm, sealDmRequest } from '../../src/nostr/dm.js';
 import { RelayPool } from '../../src/nostr/relays.js';
 import type { NostrEvent } from '../../src/nostr/types.js';
 import { createPayments } from '../../src/payment/index.js';
 import { silentLogger } from '../../src/util/logger.js';
-import { DropConnection, TestMint, type MintUnit } from '../support/mint.js';
+import { consumerToken, DropConnection, TestMint, type MintUnit } from '../support/mint.js';
 import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess, type GuestPaths } from '../support/agent-process.js';
@@ -84,14 +84,6 @@ async function client(to: AgentProcess = agent, sk = generateSecretKey()): Promi
   return c;
 }
 
-/** A consumer's token of `amount` fresh from a mint (quote paid at once). */
-async function consumerToken(from: TestMint, amount: number, unit: MintUnit = 'sat'): Promise<string> {
-  const wallet = new Wallet(from.url, { unit });
-  await wallet.loadMint();
-  const quote = await wallet.createMintQuoteBolt11(amount);
-  const proofs = await wallet.mintProofsBolt11(amount, quote);
-  return getEncodedToken({ mint: from.url, unit, proofs });
-}
 
 /** Another consumer wallet takes the token: it is real money at the mint. Returns what it received. */
 async function redeemElsewhere(token: string): Promise<number> {

@@ -13,7 +13,7 @@ import { getEncodedToken, getDecodedToken, hasValidDleq, Wallet } from '@cashu/c
 import { CashuPayments } from '../../src/payment/wallet.js';
 import { PaymentError } from '../../src/payment/types.js';
 import { silentLogger } from '../../src/util/logger.js';
-import { DropConnection, TestMint, type MintUnit } from '../support/mint.js';
+import { consumerToken, DropConnection, TestMint, type MintUnit } from '../support/mint.js';
 
 const CHILD = new URL('../support/mint-wallet-child.ts', import.meta.url).pathname;
 
@@ -33,14 +33,6 @@ beforeEach(() => {
   mint.afterSwap = undefined;
 });
 
-/** A consumer's token of `amount` fresh from the mint (quote paid at once). */
-async function consumerToken(from: TestMint, amount: number, unit: MintUnit = 'sat'): Promise<string> {
-  const wallet = new Wallet(from.url, { unit });
-  await wallet.loadMint();
-  const quote = await wallet.createMintQuoteBolt11(amount);
-  const proofs = await wallet.mintProofsBolt11(amount, quote);
-  return getEncodedToken({ mint: from.url, unit, proofs });
-}
 
 /** Another wallet takes the token: proves it is real money at the mint. */
 async function redeemElsewhere(token: string, unit: MintUnit = 'sat'): Promise<number> {

@@ -16,9 +16,11 @@ import {
   createBlindSignature,
   createDLEQProof,
   createNewMintKeys,
+  getEncodedToken,
   hashToCurve,
   pointFromHex,
   verifyUnblindedSignature,
+  Wallet,
 } from '@cashu/cashu-ts';
 
 export type MintUnit = 'sat' | 'msat' | 'usd';
@@ -354,4 +356,13 @@ function readJson(req: IncomingMessage): Promise<unknown> {
 function send(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json' });
   res.end(JSON.stringify(body));
+}
+
+/** A consumer's token of `amount`, minted by a cashu-ts wallet at `from` (its quotes are paid at once). */
+export async function consumerToken(from: TestMint, amount: number, unit: MintUnit = 'sat'): Promise<string> {
+  const wallet = new Wallet(from.url, { unit });
+  await wallet.loadMint();
+  const quote = await wallet.createMintQuoteBolt11(amount);
+  const proofs = await wallet.mintProofsBolt11(amount, quote);
+  return getEncodedToken({ mint: from.url, unit, proofs });
 }
