@@ -9,6 +9,9 @@
  * first (its consumer has waited longest and most likely gave up), with an
  * error line naming it. A spool file that cannot be written (full disk) does
  * not lose the message: it is retried from memory, within the same bound.
+ *
+ * The spool holds the sealed (encrypted) event, never the plaintext message:
+ * a refund token is a bearer token, and the sealed event is all a retry needs.
  */
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
@@ -37,11 +40,10 @@ export interface NostrOutboxOptions {
 export const DEFAULT_MAX_WAITING = 1000;
 export const DEFAULT_MAX_WAITING_BYTES = 8 * 1024 * 1024;
 
-/** A message on its way. Holds no secrets: replies never carry passwords or keys. */
+/** A message on its way, as spooled. No plaintext: the content exists only inside the sealed event. */
 interface Pending {
   id: string;
   route: Route;
-  message: Record<string, unknown>;
   /** Unix ms after which the message is given up. */
   deadline: number;
   /**
@@ -49,7 +51,16 @@ interface Pending {
    * relay whose OK came late (or never) and the consumer see one message,
    * never a second copy under a new id.
    */
-  event?: NostrEvent;
+  event: NostrEvent;
+}
+
+/** A spool file as written by this or an earlier version; anything else is junk. */
+function parseSpooled(json: unknown): Pending & { message?: Record<string, unknown> } {
+  const r = json as Partial<Pending> & { message?: Record<string, unknown> };
+  if (typeof r?.id !== 'string' || typeof r.route?.to !== 'string' || typeof r.deadline !== 'number' || typeof r.event?.id !== 'string') {
+    throw new Error('not a spooled message');
+  }
+  return r as Pending & { message?: Record<string, unknown> };
 }
 
 /** A waiting message's place in the bound, and its retry timer. */
@@ -77,7 +88,9 @@ export class NostrOutbox implements Outbox {
    * was spooled for retries; rejects only when it can be neither sent nor kept.
    */
   async send(route: Route, message: Record<string, unknown>): Promise<void> {
-    const pending: Pending = { id: randomUUID(), route, message, deadline: Date.now() + (this.opts.retryForMs ?? 30 * 60_000) };
+    const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
+    const event = sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(message), channel, replyTo: route.replyTo });
+    const pending: Pending = { id: randomUUID(), route, event, deadline: Date.now() + (this.opts.retryForMs ?? 30 * 60_000) };
     await this.attempt(pending, 0);
   }
 
@@ -86,11 +99,19 @@ export class NostrOutbox implements Outbox {
     const dir = this.opts.spoolDir;
     if (!dir) return 0;
     let resumed = 0;
-    const { records, broken } = readJsonRecords(dir, (json) => json as Pending);
+    const { records, broken } = readJsonRecords(dir, parseSpooled);
     // A torn write cannot happen (atomic), so what does not parse is foreign junk.
     for (const file of broken) rmSync(file, { force: true });
     records.sort((a, b) => a.deadline - b.deadline);
-    for (const pending of records) {
+    for (const { message, ...pending } of records) {
+      if (message) {
+        // Spooled by an earlier version with its plaintext: rewritten without it.
+        try {
+          writeFileAtomic(this.spoolFile(pending), JSON.stringify(pending));
+        } catch {
+          // Retried from the old file; rewritten on the next start.
+        }
+      }
       if (Date.now() > pending.deadline) {
         this.opts.logger.error({ to: pending.route.to, replyTo: pending.route.replyTo }, 'spooled message past its deadline dropped');
         this.unspool(pending);
@@ -106,11 +127,8 @@ export class NostrOutbox implements Outbox {
 
   private async attempt(p: Pending, n: number): Promise<void> {
     const { route } = p;
-    const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
-    // A fresh seal per attempt: same content, new event; the consumer matches on request_id.
-    const event = (p.event ??= sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo }));
     try {
-      const res = await this.opts.pool.publish(event);
+      const res = await this.opts.pool.publish(p.event);
       this.release(p.id);
       this.opts.logger.debug({ to: route.to, replyTo: route.replyTo, accepted: res.accepted.length }, 'message published');
       return;
