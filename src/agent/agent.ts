@@ -87,6 +87,11 @@ export interface Route {
 
 /** Where replies go. The service implements it over Nostr; it owns retries. */
 export interface Outbox {
+  /**
+   * Resolves once the message survives a crash (a relay took it, or it is on
+   * disk for retries; one carrying a refund_token is never given up); rejects
+   * otherwise. A payment's record ends only on a resolved send.
+   */
   send(route: Route, message: Reply | Record<string, unknown>): Promise<void>;
 }
 
