@@ -50,6 +50,8 @@ export interface Inbound {
 
 /** A request dated further ahead than this is refused with `clock_skew`. */
 export const MAX_FUTURE_SKEW_SECONDS = 300;
+/** The window of past messages the service reads from the relays (two days plus an hour of slack). */
+const READ_WINDOW_SECONDS = 2 * 86_400 + 3600;
 /** A sender over a full queue hears `busy` at most once per this interval. */
 const BUSY_NOTICE_INTERVAL_MS = 10_000;
 /** Refused-and-unanswered message ids kept in memory (see `refuse`). */
@@ -260,7 +262,12 @@ export class Agent {
     // A request dated ahead is remembered from its own date on: it stays
     // refused until that date has left the subscription window, instead of
     // running once the seen store's retention (counted from now) has passed.
-    const keepFrom = reason === 'clock_skew' ? msg.createdAt : undefined;
+    // The date is the sender's (up to year 9999): it counts from at most one
+    // window ahead, so no entry outlives now + window + retention and a flood
+    // of far-future requests cannot grow seen.log for good. A request dated
+    // further ahead than the retention reaches may then be read again once its
+    // refusal has expired; its sender chose that date.
+    const keepFrom = reason === 'clock_skew' ? Math.min(msg.createdAt ?? 0, Math.floor(Date.now() / 1000) + READ_WINDOW_SECONDS) : undefined;
     let claimed: boolean;
     try {
       claimed = this.opts.seen.claim(msg.dedupeIds, keepFrom);
