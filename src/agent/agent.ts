@@ -27,7 +27,7 @@ import type { LeaseStore, Lease } from './leases.js';
 import { resolveResources, type Plan } from './plans.js';
 import { RecentIds } from './recent-ids.js';
 import { RequestQueue, type RequestQueueStats } from './request-queue.js';
-import type { SeenStore } from './seen.js';
+import type { ClaimResult, SeenStore } from './seen.js';
 import { chooseTier, type TierOffer } from './tiers.js';
 
 /** One decrypted, authenticated message, transport-neutral. */
@@ -268,14 +268,21 @@ export class Agent {
     // further ahead than the retention reaches may then be read again once its
     // refusal has expired; its sender chose that date.
     const keepFrom = reason === 'clock_skew' ? Math.min(msg.createdAt ?? 0, Math.floor(Date.now() / 1000) + READ_WINDOW_SECONDS) : undefined;
-    let claimed: boolean;
+    let claim: ClaimResult;
     try {
-      claimed = this.opts.seen.claim(msg.dedupeIds, keepFrom);
-    } catch (err) {
-      this.log.error({ requestId: msg.requestId, err: (err as Error).message }, `request refused (${reason}) but could not be recorded; not answered`);
+      claim = this.opts.seen.tryClaim(msg.dedupeIds, keepFrom);
+    } catch {
+      claim = 'unrecorded';
+    }
+    if (claim === 'duplicate') return Promise.resolve();
+    if (claim === 'unrecorded') {
+      // Not answered, so remembered like an unanswered refusal: the other
+      // relays' copies are dropped as duplicates instead of each retrying the
+      // write and logging another error.
+      this.refusedIds.add(msg.dedupeIds);
+      this.log.error({ requestId: msg.requestId }, `request refused (${reason}) but could not be recorded; not answered`);
       return Promise.resolve();
     }
-    if (!claimed) return Promise.resolve();
     this.counts.refused[reason]++;
     this.log.info({ requestId: msg.requestId, sender: msg.sender }, `request refused: ${reason}`);
     const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };
