@@ -27,7 +27,7 @@ import type { LeaseStore, Lease } from './leases.js';
 import { resolveResources, type Plan } from './plans.js';
 import { RecentIds } from './recent-ids.js';
 import { RequestQueue, type RequestQueueStats } from './request-queue.js';
-import type { SeenStore } from './seen.js';
+import type { ClaimResult, SeenStore } from './seen.js';
 import { chooseTier, type TierOffer } from './tiers.js';
 
 /** One decrypted, authenticated message, transport-neutral. */
@@ -50,6 +50,8 @@ export interface Inbound {
 
 /** A request dated further ahead than this is refused with `clock_skew`. */
 export const MAX_FUTURE_SKEW_SECONDS = 300;
+/** The window of past messages the service reads from the relays (two days plus an hour of slack). */
+const READ_WINDOW_SECONDS = 2 * 86_400 + 3600;
 /** A sender over a full queue hears `busy` at most once per this interval. */
 const BUSY_NOTICE_INTERVAL_MS = 10_000;
 /** Refused-and-unanswered message ids kept in memory (see `refuse`). */
@@ -87,6 +89,11 @@ export interface Route {
 
 /** Where replies go. The service implements it over Nostr; it owns retries. */
 export interface Outbox {
+  /**
+   * Resolves once the message survives a crash (a relay took it, or it is on
+   * disk for retries; one carrying a refund_token is never given up); rejects
+   * otherwise. A payment's record ends only on a resolved send.
+   */
   send(route: Route, message: Reply | Record<string, unknown>): Promise<void>;
 }
 
@@ -255,15 +262,27 @@ export class Agent {
     // A request dated ahead is remembered from its own date on: it stays
     // refused until that date has left the subscription window, instead of
     // running once the seen store's retention (counted from now) has passed.
-    const keepFrom = reason === 'clock_skew' ? msg.createdAt : undefined;
-    let claimed: boolean;
+    // The date is the sender's (up to year 9999): it counts from at most one
+    // window ahead, so no entry outlives now + window + retention and a flood
+    // of far-future requests cannot grow seen.log for good. A request dated
+    // further ahead than the retention reaches may then be read again once its
+    // refusal has expired; its sender chose that date.
+    const keepFrom = reason === 'clock_skew' ? Math.min(msg.createdAt ?? 0, Math.floor(Date.now() / 1000) + READ_WINDOW_SECONDS) : undefined;
+    let claim: ClaimResult;
     try {
-      claimed = this.opts.seen.claim(msg.dedupeIds, keepFrom);
-    } catch (err) {
-      this.log.error({ requestId: msg.requestId, err: (err as Error).message }, `request refused (${reason}) but could not be recorded; not answered`);
+      claim = this.opts.seen.tryClaim(msg.dedupeIds, keepFrom);
+    } catch {
+      claim = 'unrecorded';
+    }
+    if (claim === 'duplicate') return Promise.resolve();
+    if (claim === 'unrecorded') {
+      // Not answered, so remembered like an unanswered refusal: the other
+      // relays' copies are dropped as duplicates instead of each retrying the
+      // write and logging another error.
+      this.refusedIds.add(msg.dedupeIds);
+      this.log.error({ requestId: msg.requestId }, `request refused (${reason}) but could not be recorded; not answered`);
       return Promise.resolve();
     }
-    if (!claimed) return Promise.resolve();
     this.counts.refused[reason]++;
     this.log.info({ requestId: msg.requestId, sender: msg.sender }, `request refused: ${reason}`);
     const route: Route = { to: msg.sender, channel: msg.channel, replyTo: msg.requestId };

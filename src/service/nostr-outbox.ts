@@ -9,6 +9,23 @@
  * first (its consumer has waited longest and most likely gave up), with an
  * error line naming it. A spool file that cannot be written (full disk) does
  * not lose the message: it is retried from memory, within the same bound.
+ *
+ * `send` resolves only once the message is safe: a relay accepted it, or it
+ * is in the spool. Held in memory only (the spool could not be written), or
+ * dropped at once to keep the bound, it rejects, though the memory copy keeps
+ * being retried: a caller that ends a record on a resolved send (the payment
+ * journal, for a reply with a refund) keeps it then, and the next start
+ * answers again.
+ *
+ * A message carrying money (a `refund_token`) is never dropped: not to keep
+ * the bound (it may exceed it; each one answers a payment in real tokens of a
+ * whitelisted mint, so their number is bounded by what payers hold, not by
+ * what a stranger can sign) and not at its deadline: it is retried until a
+ * relay accepts it, across restarts. Its payment record ended when the spool
+ * took it, so the spool is its only copy.
+ *
+ * The spool holds the sealed (encrypted) event, never the plaintext message:
+ * a refund token is a bearer token, and the sealed event is all a retry needs.
  */
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
@@ -24,7 +41,7 @@ export interface NostrOutboxOptions {
   sk: Uint8Array;
   pool: RelayPool;
   logger: Logger;
-  /** Folder for messages awaiting a relay's OK (created 0700). Without it, retries live in memory only. */
+  /** Folder for messages awaiting a relay's OK (created 0700). Without it, retries live in memory only and a send no relay accepted rejects. */
   spoolDir?: string;
   /** How long a message keeps being retried after it was first sent. Default 30 minutes. */
   retryForMs?: number;
@@ -37,19 +54,34 @@ export interface NostrOutboxOptions {
 export const DEFAULT_MAX_WAITING = 1000;
 export const DEFAULT_MAX_WAITING_BYTES = 8 * 1024 * 1024;
 
-/** A message on its way. Holds no secrets: replies never carry passwords or keys. */
+/** A message on its way, as spooled. No plaintext: the content exists only inside the sealed event. */
 interface Pending {
   id: string;
   route: Route;
-  message: Record<string, unknown>;
-  /** Unix ms after which the message is given up. */
+  /** Unix ms after which the message is given up (unless `keep`). */
   deadline: number;
   /**
    * The sealed event, made once: a retry publishes the very same event, so a
    * relay whose OK came late (or never) and the consumer see one message,
    * never a second copy under a new id.
    */
-  event?: NostrEvent;
+  event: NostrEvent;
+  /** Carries money: never dropped, neither to keep the bound nor at the deadline. */
+  keep?: boolean;
+}
+
+/** A reply that hands back a token (bearer money) must reach its consumer. */
+function carriesMoney(message: Record<string, unknown>): boolean {
+  return typeof message.refund_token === 'string' && message.refund_token !== '';
+}
+
+/** A spool file as written by this or an earlier version; anything else is junk. */
+function parseSpooled(json: unknown): Pending & { message?: Record<string, unknown> } {
+  const r = json as Partial<Pending> & { message?: Record<string, unknown> };
+  if (typeof r?.id !== 'string' || typeof r.route?.to !== 'string' || typeof r.deadline !== 'number' || typeof r.event?.id !== 'string') {
+    throw new Error('not a spooled message');
+  }
+  return r as Pending & { message?: Record<string, unknown> };
 }
 
 /** A waiting message's place in the bound, and its retry timer. */
@@ -74,10 +106,14 @@ export class NostrOutbox implements Outbox {
 
   /**
    * First attempt now. Resolves when a relay accepted the message, or when it
-   * was spooled for retries; rejects only when it can be neither sent nor kept.
+   * was spooled for retries; rejects when it is neither (held in memory only,
+   * or dropped), even though a memory copy is still retried.
    */
   async send(route: Route, message: Record<string, unknown>): Promise<void> {
-    const pending: Pending = { id: randomUUID(), route, message, deadline: Date.now() + (this.opts.retryForMs ?? 30 * 60_000) };
+    const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
+    const event = sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(message), channel, replyTo: route.replyTo });
+    const pending: Pending = { id: randomUUID(), route, event, deadline: Date.now() + (this.opts.retryForMs ?? 30 * 60_000) };
+    if (carriesMoney(message)) pending.keep = true;
     await this.attempt(pending, 0);
   }
 
@@ -86,12 +122,21 @@ export class NostrOutbox implements Outbox {
     const dir = this.opts.spoolDir;
     if (!dir) return 0;
     let resumed = 0;
-    const { records, broken } = readJsonRecords(dir, (json) => json as Pending);
+    const { records, broken } = readJsonRecords(dir, parseSpooled);
     // A torn write cannot happen (atomic), so what does not parse is foreign junk.
     for (const file of broken) rmSync(file, { force: true });
     records.sort((a, b) => a.deadline - b.deadline);
-    for (const pending of records) {
-      if (Date.now() > pending.deadline) {
+    for (const { message, ...pending } of records) {
+      if (message) {
+        // Spooled by an earlier version with its plaintext: rewritten without it.
+        if (carriesMoney(message)) pending.keep = true;
+        try {
+          writeFileAtomic(this.spoolFile(pending), JSON.stringify(pending));
+        } catch {
+          // Retried from the old file; rewritten on the next start.
+        }
+      }
+      if (!pending.keep && Date.now() > pending.deadline) {
         this.opts.logger.error({ to: pending.route.to, replyTo: pending.route.replyTo }, 'spooled message past its deadline dropped');
         this.unspool(pending);
         continue;
@@ -106,18 +151,15 @@ export class NostrOutbox implements Outbox {
 
   private async attempt(p: Pending, n: number): Promise<void> {
     const { route } = p;
-    const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
-    // A fresh seal per attempt: same content, new event; the consumer matches on request_id.
-    const event = (p.event ??= sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(p.message), channel, replyTo: route.replyTo }));
     try {
-      const res = await this.opts.pool.publish(event);
+      const res = await this.opts.pool.publish(p.event);
       this.release(p.id);
       this.opts.logger.debug({ to: route.to, replyTo: route.replyTo, accepted: res.accepted.length }, 'message published');
       return;
     } catch (err) {
       const delay = Math.min(30_000, 1000 * 2 ** n);
       if (this.released.has(p)) return; // dropped meanwhile to keep the bound
-      if (Date.now() + delay > p.deadline) {
+      if (!p.keep && Date.now() + delay > p.deadline) {
         this.opts.logger.error({ to: route.to, replyTo: route.replyTo }, 'message dropped: no relay accepted it before its deadline');
         this.release(p.id);
         throw err;
@@ -127,6 +169,7 @@ export class NostrOutbox implements Outbox {
         w = { pending: p, bytes: JSON.stringify(p).length, spooled: false };
         this.hold(w);
       }
+      if (this.released.has(p)) throw err; // holding it pushed itself out: not kept
       if (!w.spooled && this.opts.spoolDir) {
         try {
           writeFileAtomic(this.spoolFile(p), JSON.stringify(p));
@@ -143,23 +186,34 @@ export class NostrOutbox implements Outbox {
         if (!w.spooled) throw err;
         return;
       }
-      if (this.released.has(p)) return; // holding it pushed itself out (bound of one)
       this.opts.logger.warn({ to: route.to, replyTo: route.replyTo, retryInMs: delay }, 'no relay accepted the message; will retry');
       w.timer = setTimeout(() => {
         w.timer = undefined;
         this.attempt(p, n + 1).catch(() => undefined);
       }, delay);
+      // Retried from memory, but a crash would lose it: the caller must not count on it.
+      if (!w.spooled) throw new Error('no relay accepted the message and it could not be spooled; retrying it from memory only');
     }
   }
 
-  /** Count a message as waiting; drop the oldest ones while the bound is exceeded. */
+  /** Count a message as waiting; drop the oldest droppable ones while the bound is exceeded. */
   private hold(w: Waiting): void {
     this.waiting.set(w.pending.id, w);
     this.waitingBytes += w.bytes;
     const maxCount = this.opts.maxWaiting ?? DEFAULT_MAX_WAITING;
     const maxBytes = this.opts.maxWaitingBytes ?? DEFAULT_MAX_WAITING_BYTES;
     while (this.waiting.size > maxCount || this.waitingBytes > maxBytes) {
-      const oldest = this.waiting.values().next().value as Waiting;
+      let oldest: Waiting | undefined;
+      for (const candidate of this.waiting.values()) {
+        if (!candidate.pending.keep) {
+          oldest = candidate;
+          break;
+        }
+      }
+      if (!oldest) {
+        this.opts.logger.warn({ waiting: this.waiting.size, waitingBytes: this.waitingBytes }, 'outbox over its bound with messages carrying money only; they are kept');
+        return;
+      }
       const { route } = oldest.pending;
       this.opts.logger.error(
         { to: route.to, replyTo: route.replyTo, waiting: this.waiting.size, waitingBytes: this.waitingBytes },

@@ -10,7 +10,7 @@ export type { Logger };
  */
 const SECRET_KEYS = [
   'password', 'rootPassword', 'root_password', 'ssh_password', 'secretKey', 'sk', 'nsec',
-  'content', 'cashu_token', 'token',
+  'content', 'cashu_token', 'token', 'refund_token', 'refundToken',
 ];
 /** Each secret key at the top level and up to two objects deep. */
 export const REDACT_PATHS = SECRET_KEYS.flatMap((k) => [k, `*.${k}`, `*.*.${k}`]);

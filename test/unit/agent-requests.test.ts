@@ -5,7 +5,7 @@
  */
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { DriverError } from '../../src/drivers/types.js';
-import { rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
 import { FakeDriver } from '../support/fake-driver.js';
@@ -150,5 +150,30 @@ describe('at most once', () => {
     await again.deliver(key, SPAWN, ids).done;
     expect(h.driver.createCalls).toHaveLength(1);
     expect(again.outbox.about(ids.requestId).filter((s) => s.message.type === 'access_details')).toEqual([]);
+  });
+  it('keeps a clock_skew refusal dated far ahead from one read window ahead at most, not from its own date', async () => {
+    const h = await new Harness().start();
+    const requestId = hex32();
+    const content = JSON.stringify({ type: 'status', workload_id: 'w-000000000000' });
+    await h.agent.handle({ dedupeIds: [hex32(), requestId], requestId, sender: hex32(), channel: 'nip17', content, createdAt: 253_402_300_799 });
+    const after = Math.floor(Date.now() / 1000);
+    expect(h.outbox.about(requestId)[0]?.message).toMatchObject({ type: 'error', code: 'clock_skew' });
+    const dates = readFileSync(join(h.stateDir, 'seen.log'), 'utf8').trim().split('\n').map((line) => Number(line.split(' ')[0]));
+    expect(dates).toHaveLength(2);
+    for (const t of dates) expect(t).toBeLessThanOrEqual(after + 2 * 86_400 + 3600);
+  });
+
+  it('drops the other relay copies of a refusal whose claim could not be recorded, instead of judging each again', async () => {
+    const h = await new Harness().start();
+    // A folder where seen.log should be: every append fails, as on a full disk.
+    rmSync(join(h.stateDir, 'seen.log'), { force: true });
+    mkdirSync(join(h.stateDir, 'seen.log'));
+    const requestId = hex32();
+    const content = JSON.stringify({ type: 'status', workload_id: 'w-000000000000' });
+    const msg = { dedupeIds: [hex32(), requestId], requestId, sender: hex32(), channel: 'nip17', content, createdAt: Math.floor(Date.now() / 1000) + 3600 };
+    await h.agent.handle(msg);
+    await h.agent.handle({ ...msg });
+    expect(h.agent.stats().duplicates).toBe(1);
+    expect(h.outbox.about(requestId)).toEqual([]);
   });
 });
