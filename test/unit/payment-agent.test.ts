@@ -1,0 +1,44 @@
+/**
+ * The money paths of the agent, in-process: a fake wallet (the test decides
+ * when a swap completes and how it fails) behind the real payment flow and
+ * journal, a fake driver, a memory outbox. What each test checks is where
+ * the consumer's money ends up, and what the consumer was told about it.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { PaymentError } from '../../src/payment/types.js';
+import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
+import { FakePayments, fakeToken } from '../support/fake-payments.js';
+
+afterEach(async () => {
+  await closeHarnesses();
+});
+
+/** A paid spawn's body: 600 s of the 1000 msat/s plan. */
+const PAID_SPAWN = { ...SPAWN, plan: 'paid', cashu_token: fakeToken(600_000) };
+
+function paymentRecord(h: Harness, ref: string): { phase: string } | undefined {
+  const file = join(h.stateDir, 'payments', `${ref}.json`);
+  return existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as { phase: string }) : undefined;
+}
+
+describe('a swap that fails', () => {
+  it('after the mint took the token (a local write failed): the record stays for the next start, which refunds it all; nobody is told nothing was kept', async () => {
+    const payments = new FakePayments();
+    const h = await new Harness({ payments }).start();
+    payments.failNextRedeem = { error: Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' }), afterSwap: true };
+    const { requestId, done } = h.deliver(hex32(), PAID_SPAWN);
+    await done;
+    const reply = h.outbox.about(requestId)[0]!.message;
+    expect(reply.type).toBe('error');
+    expect(String(reply.message)).not.toMatch(/nothing was kept|not taken|still yours/);
+    expect(paymentRecord(h, requestId)?.phase).toBe('quoted');
+
+    const after = await h.restart().start();
+    const refund = await after.outbox.next((s) => s.route.replyTo === requestId && s.message.type === 'error', 'the refund after restart');
+    expect(refund.message).toMatchObject({ paid_msats: 600_000, refund_msats: 600_000, refund_token: expect.any(String) });
+    expect(payments.refunded(requestId)).toBe(600_000);
+    expect(paymentRecord(after, requestId)).toBeUndefined();
+  });
+});
