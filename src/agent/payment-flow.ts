@@ -210,7 +210,7 @@ export class PaymentFlow {
 const IN_DOUBT_MESSAGE = 'the payment could not be completed and its outcome is not known yet; if the token was taken, the provider refunds it in a later reply after its next start';
 
 function certainlyUntouched(err: unknown): boolean {
-  return err instanceof PaymentError && UNTOUCHED.has(err.code);
+  return err instanceof PaymentError && (err.untouched || UNTOUCHED.has(err.code));
 }
 
 function refusal(reason: 'insufficient_payment' | 'at_maximum', neededMsats: number, policy: PricingPolicy): RequestError {

@@ -41,4 +41,17 @@ describe('a swap that fails', () => {
     expect(payments.refunded(requestId)).toBe(600_000);
     expect(paymentRecord(after, requestId)).toBeUndefined();
   });
+
+  it('that the wallet knows never reached the mint: the record goes at once, the token is the consumer\'s and is never swapped later', async () => {
+    const payments = new FakePayments();
+    const h = await new Harness({ payments }).start();
+    payments.failNextRedeem = { error: new PaymentError('mint_network_error', 'the mint could not be reached', true), afterSwap: false };
+    const { requestId, done } = h.deliver(hex32(), PAID_SPAWN);
+    await done;
+    expect(h.outbox.about(requestId)[0]!.message).toMatchObject({ type: 'error', code: 'mint_network_error' });
+    expect(paymentRecord(h, requestId)).toBeUndefined();
+
+    await h.restart().start();
+    expect(payments.received.has(requestId)).toBe(false);
+  });
 });
