@@ -147,6 +147,12 @@ export class Agent {
    */
   private readonly booting = new Set<string>();
   private readonly pending = new Set<Promise<void>>();
+  /**
+   * The top-up of each workload under way, from its checks to its lease
+   * write: top-ups of one workload run one at a time, so each one's cap is
+   * computed from the lease the one before left.
+   */
+  private readonly topups = new Map<string, Promise<unknown>>();
   private accepting = true;
   /** Aborted at shutdown: readiness watches end without judging the VM. */
   private readonly shutdown = new AbortController();
@@ -526,6 +532,22 @@ export class Agent {
   private async topup(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome): Promise<Reply> {
     const flow = this.opts.payment;
     if (this.opts.admissionMode !== 'paid' || !flow) throw new RequestError('payment_required', 'this provider does not sell extensions');
+    const { workloadId } = this.ownedLease(req.workload_id, msg.sender);
+    return this.inTopupTurn(workloadId, () => this.topupInTurn(req, msg, log, dialect, paid, flow));
+  }
+
+  /** Runs `step` after every earlier top-up of the workload has ended (however it ended). */
+  private inTopupTurn<T>(workloadId: string, step: () => Promise<T>): Promise<T> {
+    const next = (this.topups.get(workloadId) ?? Promise.resolve()).catch(() => undefined).then(step);
+    this.topups.set(workloadId, next);
+    const forget = (): void => {
+      if (this.topups.get(workloadId) === next) this.topups.delete(workloadId);
+    };
+    next.then(forget, forget);
+    return next;
+  }
+
+  private async topupInTurn(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome, flow: PaymentFlow): Promise<Reply> {
     const lease = this.ownedLease(req.workload_id, msg.sender);
     if (this.isStopping(lease.workloadId) || secondsLeft(lease) <= 0) throw new RequestError('not_found', `no workload ${req.workload_id} for this key`);
     const plan = this.opts.plans.find((p) => p.id === lease.planId);
@@ -533,29 +555,33 @@ export class Agent {
     const ctx = { ref: msg.requestId, kind: 'topup' as const, sender: msg.sender, channel: msg.channel, dialect, workloadId: lease.workloadId };
     const payment = await flow.charge(ctx, req.cashu_token, plan.rateMsatsPerSec, topupCapSeconds(secondsLeft(lease), flow.policy));
     const seconds = payment.seconds ?? 0;
-    const current = this.opts.leases.get(lease.workloadId);
-    if (!current || this.isStopping(current.workloadId) || secondsLeft(current) <= 0) {
-      const message = 'the workload ended while the payment was made; your payment is refunded';
-      paid.settlement = await flow.finish(payment, false, { code: 'not_found', message });
-      return { ...errorReply(msg.requestId, 'not_found', message), ...paymentFields(paid.settlement) };
-    }
     const charged = (payment.msats ?? 0) - (payment.refundMsats ?? 0);
-    const extended: Lease = {
-      ...current,
-      expiresAt: extendedExpiry(current.expiresAt, seconds),
-      paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId],
-      // One mint and unit per lease's holding; a top-up from another mint is not given back on a failed boot.
-      ...(!current.paid || (current.paid.mint === payment.mint && current.paid.unit === payment.unit)
-        ? { paid: { mint: payment.mint, unit: payment.unit, msats: (current.paid?.msats ?? 0) + charged } }
-        : {}),
-    };
+    // Applied to the lease as it is when its write comes (a readiness mark may be ahead of it), and not at all once it is gone.
+    let extended: Lease | undefined;
     try {
-      await this.opts.leases.put(extended);
+      await this.opts.leases.update(lease.workloadId, (current) => {
+        if (this.isStopping(current.workloadId) || secondsLeft(current) <= 0) return current;
+        extended = {
+          ...current,
+          expiresAt: extendedExpiry(current.expiresAt, seconds),
+          paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId],
+          // One mint and unit per lease's holding; a top-up from another mint is not given back on a failed boot.
+          ...(!current.paid || (current.paid.mint === payment.mint && current.paid.unit === payment.unit)
+            ? { paid: { mint: payment.mint, unit: payment.unit, msats: (current.paid?.msats ?? 0) + charged } }
+            : {}),
+        };
+        return extended;
+      });
     } catch (err) {
       paid.settlement = await flow.finish(payment, false, { code: 'internal_error', message: 'the lease could not be extended; your payment is refunded' });
       throw new RefundedError('internal_error', 'the lease could not be extended; your payment is refunded', paid.settlement);
     }
-    log.info({ workloadId: current.workloadId, seconds, expiresAt: extended.expiresAt }, 'lease extended');
+    if (!extended) {
+      const message = 'the workload ended while the payment was made; your payment is refunded';
+      paid.settlement = await flow.finish(payment, false, { code: 'not_found', message });
+      return { ...errorReply(msg.requestId, 'not_found', message), ...paymentFields(paid.settlement) };
+    }
+    log.info({ workloadId: lease.workloadId, seconds, expiresAt: extended.expiresAt }, 'lease extended');
     paid.settlement = await flow.finish(payment, true);
     return this.toppedUp(msg.requestId, extended, seconds, paid.settlement);
   }

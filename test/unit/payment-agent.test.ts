@@ -8,7 +8,9 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { PaymentError } from '../../src/payment/types.js';
+import { secondsLeft } from '../../src/agent/agent.js';
 import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
+import { Gate } from '../support/gate.js';
 import { FakePayments, fakeToken } from '../support/fake-payments.js';
 
 afterEach(async () => {
@@ -53,5 +55,35 @@ describe('a swap that fails', () => {
 
     await h.restart().start();
     expect(payments.received.has(requestId)).toBe(false);
+  });
+});
+
+describe('top-ups', () => {
+  it('two at once for one workload: both extensions and payments stay in the lease, the maximum holds, and readiness is not lost', async () => {
+    const payments = new FakePayments();
+    const h = await new Harness({ payments, pricing: { minimumSeconds: 60, maxLeaseSeconds: 1000 } }).start();
+    const owner = hex32();
+    const { workload_id } = await h.spawn(owner, PAID_SPAWN);
+    await vi.waitFor(() => expect(h.leases.get(workload_id)?.readyAt).toBeDefined(), WAIT);
+    const before = h.leases.get(workload_id)!;
+
+    payments.redeemGate = new Gate();
+    const a = h.deliver(owner, { type: 'topup', workload_id, cashu_token: fakeToken(300_000) });
+    const b = h.deliver(owner, { type: 'topup', workload_id, cashu_token: fakeToken(300_000) });
+    await new Promise((r) => setTimeout(r, 50));
+    payments.redeemGate.release();
+    await Promise.all([a.done, b.done]);
+
+    const replies = [a.requestId, b.requestId].map((id) => h.outbox.about(id)[0]!.message);
+    expect(replies.map((r) => r.type)).toEqual(['topped_up', 'topped_up']);
+    const extendedSeconds = replies.reduce((t, r) => t + (r.extended_seconds as number), 0);
+    const refunded = replies.reduce((t, r) => t + (r.refund_msats as number), 0);
+    const after = h.leases.get(workload_id)!;
+    // Every second sold is in the lease, and every msat not refunded pays for one.
+    expect(Date.parse(after.expiresAt) - Date.parse(before.expiresAt)).toBe(extendedSeconds * 1000);
+    expect(after.paid?.msats).toBe(600_000 + 600_000 - refunded);
+    expect(after.paidRefs).toEqual(expect.arrayContaining([a.requestId, b.requestId]));
+    expect(secondsLeft(after)).toBeLessThanOrEqual(1000);
+    expect(after.readyAt).toBe(before.readyAt);
   });
 });
