@@ -142,6 +142,12 @@ export class Agent {
   /** Workloads with a stop in progress; a second stop waits for the first. */
   private readonly stopping = new Map<string, Promise<void>>();
   /**
+   * Workloads whose failed boot is being refunded, from before the refund is
+   * counted until their stop begins: a top-up now would be paid into a lease
+   * whose holding was already counted, so none is taken.
+   */
+  private readonly closing = new Set<string>();
+  /**
    * Workloads whose readiness is being watched: a death during boot is the
    * watcher's to report (`boot_failed`), not the supervisor's (`workload_lost`).
    */
@@ -424,8 +430,14 @@ export class Agent {
         ? 'the VM stopped during boot; it was deleted'
         : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`;
     // Nothing was delivered: what the lease holds goes back, journaled before the VM (and its lease) goes.
+    // Closed first, so no top-up lands after the holding is read; one already paying finishes (or is refunded) before it is.
+    this.closing.add(workloadId);
+    await this.topups.get(workloadId)?.catch(() => undefined);
     const owed = await this.oweForBootFailure(this.opts.leases.get(workloadId) ?? lease, message, log);
-    await this.destroyLease(lease, log).catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
+    // The stop marks the workload stopping at once: the closing mark is no longer needed.
+    const teardown = this.destroyLease(lease, log);
+    this.closing.delete(workloadId);
+    await teardown.catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
     const money = owed && (await this.opts.payment!.refundOwed(owed));
     const notice = this.bootFailedNotice(lease, result.reason, message, result.consoleTail, money);
     if (!notice) return;
@@ -604,6 +616,13 @@ export class Agent {
         if (!lease) return false;
         return record.kind === 'spawn' ? lease.requestId === record.ref : (lease.paidRefs ?? []).includes(record.ref);
       },
+      async (record) => {
+        // A refund owed for a failed boot, journaled before a crash kept the VM from being deleted:
+        // it goes before the money does, or the next step would re-adopt it and serve it for free.
+        if (record.failure?.code !== 'boot_failed') return;
+        const lease = this.opts.leases.get(record.workloadId);
+        if (lease && `${lease.requestId}.boot` === record.ref) await this.destroyLease(lease);
+      },
       async (record, money) => {
         const lease = this.opts.leases.get(record.workloadId);
         let reply: Reply | undefined;
@@ -724,7 +743,7 @@ export class Agent {
 
   /** True while a stop of this workload is under way. */
   isStopping(workloadId: string): boolean {
-    return this.stopping.has(workloadId);
+    return this.stopping.has(workloadId) || this.closing.has(workloadId);
   }
 
   /** The caller's own lease, or `not_found` — the same answer whether it exists for someone else or not at all. */

@@ -164,10 +164,12 @@ export class PaymentFlow {
   /**
    * At start, after the wallet's own recovery: finish every record a killed
    * run left, and answer its consumer. `leaseApplied` tells whether the lease
-   * holds the payment; `answer` builds and sends the reply.
+   * holds the payment; `release` frees what a refunded record must no longer
+   * hold, before the refund; `answer` builds and sends the reply.
    */
   async reconcile(
     leaseApplied: (record: PaymentRecord) => boolean,
+    release: (record: PaymentRecord) => Promise<void>,
     answer: (record: PaymentRecord, money: Settlement) => Promise<void>,
   ): Promise<void> {
     const { records, broken } = this.opts.journal.leftovers();
@@ -194,6 +196,7 @@ export class PaymentFlow {
           record = settle(record, leaseApplied(record));
         }
         await this.opts.journal.put(record);
+        await release(record);
         const money = await this.refund(record);
         if (money.refundMsats > 0 && !money.refundToken) continue; // retried next start
         await answer(record, money);

@@ -4,11 +4,15 @@
  * journal, a fake driver, a memory outbox. What each test checks is where
  * the consumer's money ends up, and what the consumer was told about it.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { PaymentError } from '../../src/payment/types.js';
 import { secondsLeft } from '../../src/agent/agent.js';
+import { PaymentFlow } from '../../src/agent/payment-flow.js';
+import { PaymentJournal } from '../../src/agent/payment-journal.js';
+import { silentLogger } from '../../src/util/logger.js';
 import { closeHarnesses, Harness, hex32, SPAWN, WAIT } from '../support/agent-harness.js';
 import { Gate } from '../support/gate.js';
 import { FakePayments, fakeToken } from '../support/fake-payments.js';
@@ -85,5 +89,58 @@ describe('top-ups', () => {
     expect(after.paidRefs).toEqual(expect.arrayContaining([a.requestId, b.requestId]));
     expect(secondsLeft(after)).toBeLessThanOrEqual(1000);
     expect(after.readyAt).toBe(before.readyAt);
+  });
+});
+
+/** The real payment flow, except that the refund of a failed boot waits at a gate before it is journaled. */
+class SlowOweFlow extends PaymentFlow {
+  oweGate: Gate | undefined;
+  override async owe(...args: Parameters<PaymentFlow['owe']>): ReturnType<PaymentFlow['owe']> {
+    if (this.oweGate) await this.oweGate.passed;
+    return super.owe(...args);
+  }
+}
+
+describe('a paid guest that never boots', () => {
+  it('takes no top-up once its refund is being counted: the token stays the consumer\'s, the refund is all the lease held', async () => {
+    const payments = new FakePayments();
+    const stateDir = mkdtempSync(join(tmpdir(), 'paygress-unit-'));
+    const flow = new SlowOweFlow({ payments, journal: new PaymentJournal(stateDir), policy: { minimumSeconds: 60, maxLeaseSeconds: 86_400 }, logger: silentLogger });
+    // No supervisor tick in between: it would close the dead VM's lease on its own.
+    const h = await new Harness({ stateDir, payments, agent: { payment: flow }, supervisor: { tickMs: 3_600_000 } }).start();
+    h.driver.boot = 'manual';
+    const owner = hex32();
+    const { workload_id, request_id } = await h.spawn(owner, PAID_SPAWN);
+
+    flow.oweGate = new Gate();
+    h.driver.kill(workload_id);
+    await new Promise((r) => setTimeout(r, 50));
+    const topup = h.deliver(owner, { type: 'topup', workload_id, cashu_token: fakeToken(300_000) });
+    await topup.done;
+    flow.oweGate.release();
+
+    expect(h.outbox.about(topup.requestId)[0]!.message).toMatchObject({ type: 'error', code: 'not_found' });
+    expect(payments.received.has(topup.requestId)).toBe(false);
+    const failed = await h.outbox.next((s) => s.message.type === 'boot_failed', 'boot_failed');
+    expect(failed.message).toMatchObject({ request_id, refund_msats: 600_000 });
+  });
+
+  it('its VM is deleted at the next start when a crash came between journaling the refund and deleting it', async () => {
+    const payments = new FakePayments();
+    const h = await new Harness({ payments }).start();
+    h.driver.boot = 'manual';
+    const owner = hex32();
+    const { workload_id, request_id } = await h.spawn(owner, PAID_SPAWN);
+    // The state a crash leaves right after the refund was journaled: the VM and its lease still there.
+    const lease = h.leases.get(workload_id)!;
+    const ctx = { ref: `${request_id}.boot`, kind: 'spawn' as const, sender: owner, channel: lease.channel, dialect: 'v1' as const, workloadId: workload_id };
+    await h.payment!.owe(ctx, lease.paid!, { code: 'boot_failed', message: 'the VM did not become ready; your payment is refunded' });
+
+    const after = await h.restart().start();
+    const failed = await after.outbox.next((s) => s.message.type === 'boot_failed', 'boot_failed');
+    expect(failed.message).toMatchObject({ request_id, refund_msats: 600_000 });
+    expect(after.leases.get(workload_id)).toBeUndefined();
+    expect(after.driver.get(workload_id)).toBeUndefined();
+    expect(payments.refunded(`${request_id}.boot`)).toBe(600_000);
   });
 });
