@@ -741,6 +741,11 @@ export class Agent {
     return this.booting.has(workloadId);
   }
 
+  /** True while a payment of request `requestId` is unsettled or unanswered: its answer comes from the payment journal. */
+  holdsPayment(requestId: string): boolean {
+    return this.opts.payment?.holds(requestId) ?? false;
+  }
+
   /** True while a stop of this workload is under way. */
   isStopping(workloadId: string): boolean {
     return this.stopping.has(workloadId) || this.closing.has(workloadId);

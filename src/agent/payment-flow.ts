@@ -132,6 +132,11 @@ export class PaymentFlow {
     return record;
   }
 
+  /** True while the request `ref` has money to settle or an answer owed: its answer is this flow's to give. */
+  holds(ref: string): boolean {
+    return this.opts.journal.has(ref);
+  }
+
   refundOwed(record: PaymentRecord): Promise<Settlement> {
     return this.refund(record);
   }
@@ -197,8 +202,10 @@ export class PaymentFlow {
         }
         await this.opts.journal.put(record);
         await release(record);
+        // A refund the mint cannot make now is still answered (owed, no token yet): the
+        // consumer must not hear from anyone that nothing was kept. `answered` keeps the
+        // record, and the next start sends the token.
         const money = await this.refund(record);
-        if (money.refundMsats > 0 && !money.refundToken) continue; // retried next start
         await answer(record, money);
         await this.answered(record.ref, money);
         log.info({ phase: record.phase, refundMsats: money.refundMsats }, 'payment settled after restart');

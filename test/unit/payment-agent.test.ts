@@ -144,3 +144,40 @@ describe('a paid guest that never boots', () => {
     expect(payments.refunded(`${request_id}.boot`)).toBe(600_000);
   });
 });
+
+describe('after a restart', () => {
+  it('a spawn cut short after its swap, whose refund the mint cannot make yet, is told the refund is owed (not that nothing was kept), and gets the token at the next start', async () => {
+    const payments = new FakePayments();
+    const h = await new Harness({ payments }).start();
+    h.driver.createGate = new Gate(); // the crash comes while the VM is being made, after the swap
+    const { requestId } = h.deliver(hex32(), PAID_SPAWN);
+    await vi.waitFor(() => expect(h.driver.createCalls).toHaveLength(1), WAIT);
+
+    payments.failRefunds = 1;
+    const second = await h.restart().start();
+    const owed = second.outbox.about(requestId).map((s) => s.message);
+    expect(owed).toEqual([expect.objectContaining({ type: 'error', paid_msats: 600_000, refund_msats: 600_000 })]);
+    expect(owed[0]!.refund_token).toBeUndefined();
+    expect(paymentRecord(second, requestId)?.phase).toBe('refunding');
+
+    const third = await second.restart().start();
+    expect(third.outbox.about(requestId).map((s) => s.message)).toEqual([expect.objectContaining({ type: 'error', refund_msats: 600_000, refund_token: expect.any(String) })]);
+    expect(payments.refunded(requestId)).toBe(600_000);
+    expect(paymentRecord(third, requestId)).toBeUndefined();
+  });
+
+  it('a spawn whose payment is still in doubt is not told nothing was kept by the spawn journal', async () => {
+    const payments = new FakePayments();
+    const h = new Harness({ payments });
+    const requestId = hex32();
+    const sender = hex32();
+    const workloadId = 'w-0123456789ab';
+    await h.inflight.begin({ requestId, sender, channel: 'nip17', workloadId, driver: h.driver.kind, startedAt: new Date().toISOString() });
+    await h.paymentJournal!.put({ ref: requestId, kind: 'spawn', sender, channel: 'nip17', dialect: 'v1', workloadId, mint: 'http://127.0.0.1:9/fake-mint', unit: 'msat', phase: 'quoted', token: fakeToken(600_000), createdAt: new Date().toISOString() });
+    payments.failNextRedeem = { error: new Error('socket hang up'), afterSwap: false };
+    await h.start();
+    expect(h.outbox.about(requestId)).toEqual([]);
+    expect(paymentRecord(h, requestId)?.phase).toBe('quoted');
+    expect(existsSync(join(h.stateDir, 'inflight', `${requestId}.json`))).toBe(false);
+  });
+});
