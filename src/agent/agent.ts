@@ -746,7 +746,7 @@ export class Agent {
     return this.opts.payment?.holds(requestId) ?? false;
   }
 
-  /** True while a stop of this workload is under way. */
+  /** True while a stop of this workload is under way, or its failed boot is being refunded before one. */
   isStopping(workloadId: string): boolean {
     return this.stopping.has(workloadId) || this.closing.has(workloadId);
   }
