@@ -149,11 +149,23 @@ export class Agent {
   /** Workloads with a stop in progress; a second stop waits for the first. */
   private readonly stopping = new Map<string, Promise<void>>();
   /**
+   * Workloads whose failed boot is being refunded, from before the refund is
+   * counted until their stop begins: a top-up now would be paid into a lease
+   * whose holding was already counted, so none is taken.
+   */
+  private readonly closing = new Set<string>();
+  /**
    * Workloads whose readiness is being watched: a death during boot is the
    * watcher's to report (`boot_failed`), not the supervisor's (`workload_lost`).
    */
   private readonly booting = new Set<string>();
   private readonly pending = new Set<Promise<void>>();
+  /**
+   * The top-up of each workload under way, from its checks to its lease
+   * write: top-ups of one workload run one at a time, so each one's cap is
+   * computed from the lease the one before left.
+   */
+  private readonly topups = new Map<string, Promise<unknown>>();
   private accepting = true;
   /** Aborted at shutdown: readiness watches end without judging the VM. */
   private readonly shutdown = new AbortController();
@@ -443,8 +455,14 @@ export class Agent {
         ? 'the VM stopped during boot; it was deleted'
         : `the VM did not become ready within ${Math.round(this.opts.readyTimeoutMs / 1000)} s of its start; it was deleted`;
     // Nothing was delivered: what the lease holds goes back, journaled before the VM (and its lease) goes.
+    // Closed first, so no top-up lands after the holding is read; one already paying finishes (or is refunded) before it is.
+    this.closing.add(workloadId);
+    await this.topups.get(workloadId)?.catch(() => undefined);
     const owed = await this.oweForBootFailure(this.opts.leases.get(workloadId) ?? lease, message, log);
-    await this.destroyLease(lease, log).catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
+    // The stop marks the workload stopping at once: the closing mark is no longer needed.
+    const teardown = this.destroyLease(lease, log);
+    this.closing.delete(workloadId);
+    await teardown.catch((err: Error) => log.error({ err: err.message }, 'cleanup after boot failure failed'));
     const money = owed && (await this.opts.payment!.refundOwed(owed));
     const notice = this.bootFailedNotice(lease, result.reason, message, result.consoleTail, money);
     if (!notice) return;
@@ -551,6 +569,22 @@ export class Agent {
   private async topup(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome): Promise<Reply> {
     const flow = this.opts.payment;
     if (this.opts.admissionMode !== 'paid' || !flow) throw new RequestError('payment_required', 'this provider does not sell extensions');
+    const { workloadId } = this.ownedLease(req.workload_id, msg.sender);
+    return this.inTopupTurn(workloadId, () => this.topupInTurn(req, msg, log, dialect, paid, flow));
+  }
+
+  /** Runs `step` after every earlier top-up of the workload has ended (however it ended). */
+  private inTopupTurn<T>(workloadId: string, step: () => Promise<T>): Promise<T> {
+    const next = (this.topups.get(workloadId) ?? Promise.resolve()).catch(() => undefined).then(step);
+    this.topups.set(workloadId, next);
+    const forget = (): void => {
+      if (this.topups.get(workloadId) === next) this.topups.delete(workloadId);
+    };
+    next.then(forget, forget);
+    return next;
+  }
+
+  private async topupInTurn(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome, flow: PaymentFlow): Promise<Reply> {
     const lease = this.ownedLease(req.workload_id, msg.sender);
     if (this.isStopping(lease.workloadId) || secondsLeft(lease) <= 0) throw new RequestError('not_found', `no workload ${req.workload_id} for this key`);
     const plan = this.opts.plans.find((p) => p.id === lease.planId);
@@ -558,29 +592,33 @@ export class Agent {
     const ctx = { ref: msg.requestId, kind: 'topup' as const, sender: msg.sender, channel: msg.channel, dialect, workloadId: lease.workloadId };
     const payment = await flow.charge(ctx, req.cashu_token, plan.rateMsatsPerSec, topupCapSeconds(secondsLeft(lease), flow.policy));
     const seconds = payment.seconds ?? 0;
-    const current = this.opts.leases.get(lease.workloadId);
-    if (!current || this.isStopping(current.workloadId) || secondsLeft(current) <= 0) {
-      const message = 'the workload ended while the payment was made; your payment is refunded';
-      paid.settlement = await flow.finish(payment, false, { code: 'not_found', message });
-      return { ...errorReply(msg.requestId, 'not_found', message), ...paymentFields(paid.settlement) };
-    }
     const charged = (payment.msats ?? 0) - (payment.refundMsats ?? 0);
-    const extended: Lease = {
-      ...current,
-      expiresAt: extendedExpiry(current.expiresAt, seconds),
-      paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId],
-      // One mint and unit per lease's holding; a top-up from another mint is not given back on a failed boot.
-      ...(!current.paid || (current.paid.mint === payment.mint && current.paid.unit === payment.unit)
-        ? { paid: { mint: payment.mint, unit: payment.unit, msats: (current.paid?.msats ?? 0) + charged } }
-        : {}),
-    };
+    // Applied to the lease as it is when its write comes (a readiness mark may be ahead of it), and not at all once it is gone.
+    let extended: Lease | undefined;
     try {
-      await this.opts.leases.put(extended);
+      await this.opts.leases.update(lease.workloadId, (current) => {
+        if (this.isStopping(current.workloadId) || secondsLeft(current) <= 0) return current;
+        extended = {
+          ...current,
+          expiresAt: extendedExpiry(current.expiresAt, seconds),
+          paidRefs: [...(current.paidRefs ?? []).slice(-15), msg.requestId],
+          // One mint and unit per lease's holding; a top-up from another mint is not given back on a failed boot.
+          ...(!current.paid || (current.paid.mint === payment.mint && current.paid.unit === payment.unit)
+            ? { paid: { mint: payment.mint, unit: payment.unit, msats: (current.paid?.msats ?? 0) + charged } }
+            : {}),
+        };
+        return extended;
+      });
     } catch (err) {
       paid.settlement = await flow.finish(payment, false, { code: 'internal_error', message: 'the lease could not be extended; your payment is refunded' });
       throw new RefundedError('internal_error', 'the lease could not be extended; your payment is refunded', paid.settlement);
     }
-    log.info({ workloadId: current.workloadId, seconds, expiresAt: extended.expiresAt }, 'lease extended');
+    if (!extended) {
+      const message = 'the workload ended while the payment was made; your payment is refunded';
+      paid.settlement = await flow.finish(payment, false, { code: 'not_found', message });
+      return { ...errorReply(msg.requestId, 'not_found', message), ...paymentFields(paid.settlement) };
+    }
+    log.info({ workloadId: lease.workloadId, seconds, expiresAt: extended.expiresAt }, 'lease extended');
     paid.settlement = await flow.finish(payment, true);
     return this.toppedUp(msg.requestId, extended, seconds, paid.settlement);
   }
@@ -602,6 +640,13 @@ export class Agent {
         const lease = this.opts.leases.get(record.workloadId);
         if (!lease) return false;
         return record.kind === 'spawn' ? lease.requestId === record.ref : (lease.paidRefs ?? []).includes(record.ref);
+      },
+      async (record) => {
+        // A refund owed for a failed boot, journaled before a crash kept the VM from being deleted:
+        // it goes before the money does, or the next step would re-adopt it and serve it for free.
+        if (record.failure?.code !== 'boot_failed') return;
+        const lease = this.opts.leases.get(record.workloadId);
+        if (lease && `${lease.requestId}.boot` === record.ref) await this.destroyLease(lease);
       },
       async (record, money) => {
         const lease = this.opts.leases.get(record.workloadId);
@@ -721,9 +766,14 @@ export class Agent {
     return this.booting.has(workloadId);
   }
 
-  /** True while a stop of this workload is under way. */
+  /** True while a payment of request `requestId` is unsettled or unanswered: its answer comes from the payment journal. */
+  holdsPayment(requestId: string): boolean {
+    return this.opts.payment?.holds(requestId) ?? false;
+  }
+
+  /** True while a stop of this workload is under way, or its failed boot is being refunded before one. */
   isStopping(workloadId: string): boolean {
-    return this.stopping.has(workloadId);
+    return this.stopping.has(workloadId) || this.closing.has(workloadId);
   }
 
   /** The caller's own lease, or `not_found` — the same answer whether it exists for someone else or not at all. */

@@ -93,11 +93,16 @@ export class PaymentFlow {
     try {
       received = await this.opts.payments.redeem(token, ctx.ref);
     } catch (err) {
-      // Certainly untouched: nothing happened. Otherwise the record stays
-      // `quoted` and the next start swaps again by ref and refunds.
-      if (!(err instanceof PaymentError) || UNTOUCHED.has(err.code)) await this.opts.journal.done(ctx.ref);
-      else this.opts.logger.warn({ ref: ctx.ref, code: err.code }, 'swap outcome unknown; kept in the payment journal for the next start');
-      throw asRequestErrorOf(err);
+      // Certainly untouched: nothing happened. Anything else (a plain error
+      // included: the swap may have happened before a local write failed)
+      // leaves the record `quoted`; the next start swaps again by ref and refunds.
+      if (certainlyUntouched(err)) {
+        await this.opts.journal.done(ctx.ref);
+        throw asRequestErrorOf(err);
+      }
+      const code = err instanceof PaymentError ? err.code : 'internal_error';
+      this.opts.logger.warn({ ref: ctx.ref, code, err: (err as Error).message }, 'swap outcome unknown; kept in the payment journal for the next start');
+      throw new RequestError(code as ErrorCode, IN_DOUBT_MESSAGE);
     }
     // The fees the quote assumed may have changed at the mint: the terms are recomputed on what arrived.
     const terms = leaseTerms(received.msats, rateMsatsPerSec, capSeconds, this.opts.policy, received.unit === 'sat' ? 1000 : 1);
@@ -132,6 +137,11 @@ export class PaymentFlow {
     return record;
   }
 
+  /** True while the request `ref` has money to settle or an answer owed: its answer is this flow's to give. */
+  holds(ref: string): boolean {
+    return this.opts.journal.has(ref);
+  }
+
   refundOwed(record: PaymentRecord): Promise<Settlement> {
     return this.refund(record);
   }
@@ -164,10 +174,12 @@ export class PaymentFlow {
   /**
    * At start, after the wallet's own recovery: finish every record a killed
    * run left, and answer its consumer. `leaseApplied` tells whether the lease
-   * holds the payment; `answer` builds and sends the reply.
+   * holds the payment; `release` frees what a refunded record must no longer
+   * hold, before the refund; `answer` builds and sends the reply.
    */
   async reconcile(
     leaseApplied: (record: PaymentRecord) => boolean,
+    release: (record: PaymentRecord) => Promise<void>,
     answer: (record: PaymentRecord, money: Settlement) => Promise<void>,
   ): Promise<void> {
     const { records, broken } = this.opts.journal.leftovers();
@@ -181,7 +193,7 @@ export class PaymentFlow {
             record = { ...record, token: undefined, phase: 'redeemed', msats: received.msats };
           } catch (err) {
             const code = err instanceof PaymentError ? err.code : 'mint_error';
-            if (!UNTOUCHED.has(code)) {
+            if (!certainlyUntouched(err)) {
               log.warn({ code }, 'swap still in doubt; kept for the next start');
               continue;
             }
@@ -194,8 +206,11 @@ export class PaymentFlow {
           record = settle(record, leaseApplied(record));
         }
         await this.opts.journal.put(record);
+        await release(record);
+        // A refund the mint cannot make now is still answered (owed, no token yet): the
+        // consumer must not hear from anyone that nothing was kept. `answered` keeps the
+        // record, and the next start sends the token.
         const money = await this.refund(record);
-        if (money.refundMsats > 0 && !money.refundToken) continue; // retried next start
         await answer(record, money);
         await this.answered(record.ref, money);
         log.info({ phase: record.phase, refundMsats: money.refundMsats }, 'payment settled after restart');
@@ -204,6 +219,13 @@ export class PaymentFlow {
       }
     }
   }
+}
+
+/** The answer when the swap's outcome is unknown: the consumer must not think the token is still theirs, nor that it is lost. */
+const IN_DOUBT_MESSAGE = 'the payment could not be completed and its outcome is not known yet; if the token was taken, the provider refunds it in a later reply after its next start';
+
+function certainlyUntouched(err: unknown): boolean {
+  return err instanceof PaymentError && (err.untouched || UNTOUCHED.has(err.code));
 }
 
 function refusal(reason: 'insufficient_payment' | 'at_maximum', neededMsats: number, policy: PricingPolicy): RequestError {

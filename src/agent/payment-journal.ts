@@ -11,7 +11,7 @@
  * the consumer's (quoted, never swapped), in the wallet for a lease given, or
  * owed back (refunding → a refund token). `nextStep` is that decision, pure.
  */
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -106,6 +106,10 @@ export class PaymentJournal {
   /** Resolves once the record is on disk (fsynced): only then may the next money step start. */
   put(record: PaymentRecord): Promise<void> {
     return writeFileAtomicAsync(join(this.dir, `${record.ref}.json`), JSON.stringify(PaymentRecordSchema.parse(record)));
+  }
+
+  has(ref: string): boolean {
+    return existsSync(join(this.dir, `${ref}.json`));
   }
 
   /** The consumer was answered: nothing is owed any more. */

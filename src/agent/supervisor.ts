@@ -52,6 +52,11 @@ export class Supervisor {
           this.log.error({ workloadId: entry.workloadId, err: err.message }, 'could not clean up an interrupted spawn'),
         );
         this.log.warn({ requestId: entry.requestId, workloadId: entry.workloadId }, 'spawn interrupted by a restart; resources released');
+        // A paid spawn whose money is not settled yet is answered, with its refund, by the payment journal.
+        if (agent.holdsPayment(entry.requestId)) {
+          await inflight.end(entry.requestId);
+          continue;
+        }
         await this.opts.outbox
           .send(
             { to: entry.sender, channel: entry.channel, replyTo: entry.requestId },

@@ -20,6 +20,12 @@ export class PaymentError extends Error {
   constructor(
     readonly code: PaymentErrorCode,
     message: string,
+    /**
+     * The thrower knows the token was not swapped (nothing was sent to the
+     * mint, or the mint said the swap did not happen): whatever the code, the
+     * token is still the consumer's. False means only the code can tell.
+     */
+    readonly untouched = false,
   ) {
     super(message);
     this.name = 'PaymentError';
@@ -56,7 +62,8 @@ export interface Payments {
    * deterministic outputs so a crash between swap and save is restorable).
    * `ref` names the journal entry this payment belongs to. Throws PaymentError;
    * on a throw the token's money is either untouched (still the consumer's) or
-   * in the wallet — never lost — and the error says which via `code`.
+   * in the wallet — never lost — and the error says which via `code` and
+   * `untouched` (set when the wallet knows no swap happened).
    */
   redeem(token: string, ref: string): Promise<Received>;
   /**

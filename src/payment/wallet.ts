@@ -63,12 +63,12 @@ export class CashuPayments implements Payments {
     checkRef(ref);
     const done = this.store.received(ref);
     if (done) return asReceived(done);
-    const { quote, proofs } = await this.inspect(token);
+    const { quote, proofs } = await this.inspect(token).catch(rethrowUntouched);
     const unit = quote.unit;
     return this.store.lock(async () => {
       const finished = await this.finishEarlierSwaps('redeem', ref);
       if (finished) return asReceived(finished);
-      const metadata = await this.mints.get(quote.mint);
+      const metadata = await this.mints.get(quote.mint).catch(rethrowUntouched);
       const reserved: PendingSwap['counters'] = [];
       const wallet = this.mints.wallet(metadata, unit, this.seed, this.counterSource(reserved));
       let preview;
@@ -77,7 +77,7 @@ export class CashuPayments implements Payments {
         // anyway, and checking them here would cost the event loop ~6 curve multiplications per input.
         preview = await wallet.prepareSwapToReceive({ mint: quote.mint, unit, proofs: proofs.map(({ dleq: _dleq, ...p }) => p) });
       } catch (err) {
-        throw err instanceof PaymentError ? err : new PaymentError('invalid_token', 'the token cannot be swapped at its mint');
+        throw err instanceof PaymentError ? asUntouched(err) : new PaymentError('invalid_token', 'the token cannot be swapped at its mint', true);
       }
       const swap: PendingSwap = {
         id: WalletStore.newId('redeem'),
@@ -96,13 +96,13 @@ export class CashuPayments implements Payments {
       } catch (err) {
         if (isDefiniteRefusal(err)) {
           await this.store.deletePendingSwap(swap.id);
-          throw toPaymentError(err);
+          throw asUntouched(toPaymentError(err));
         }
         const outcome = await this.settle(swap).catch(() => 'pending' as const);
         const received = this.store.received(ref);
         if (outcome === 'restored' && received) return asReceived(received);
         if (outcome === 'spent_elsewhere') throw new PaymentError('token_already_spent', 'the token was already spent');
-        if (outcome === 'untouched') throw new PaymentError('mint_network_error', 'the mint could not be reached; the token was not taken');
+        if (outcome === 'untouched') throw new PaymentError('mint_network_error', 'the mint could not be reached; the token was not taken', true);
         this.log.warn({ ref, mint: quote.mint }, 'swap outcome unknown: kept in the wallet journal, settled at the next recover()');
         throw new PaymentError('mint_network_error', 'the mint did not answer the swap; the outcome is settled at the next start');
       }
@@ -402,6 +402,16 @@ export class CashuPayments implements Payments {
       },
     };
   }
+}
+
+/** An error from before the swap was sent, or the mint's definite refusal of it: the token was not swapped. */
+function asUntouched(err: unknown): PaymentError {
+  const e = toPaymentError(err);
+  return e.untouched ? e : new PaymentError(e.code, e.message, true);
+}
+
+function rethrowUntouched(err: unknown): never {
+  throw asUntouched(err);
 }
 
 function checkRef(ref: string): void {

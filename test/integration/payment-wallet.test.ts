@@ -192,6 +192,22 @@ describe('provider wallet', () => {
     expect((await wallet.redeem(token, 'req-pending')).msats).toBe(11_000);
   });
 
+  it('says when the token was certainly not swapped: the mint unreachable before the swap, or refusing it', async () => {
+    const token = await consumerToken(mint, 12);
+    const { proofs } = getDecodedToken(token, mint.keysets.map((k) => k.id));
+    // Nothing listens on the discard port: the keyset fetch before the swap fails.
+    const unreachable = 'http://127.0.0.1:9';
+    const offline = new CashuPayments({ stateDir: mkdtempSync(join(tmpdir(), 'paymint-')), seed: randomBytes(64), whitelistedMints: [unreachable], logger: silentLogger });
+    const beforeSwap = await offline.redeem(getEncodedToken({ mint: unreachable, unit: 'sat', proofs }), 'req-unreachable').catch((e: unknown) => e);
+    expect(beforeSwap).toMatchObject({ code: 'mint_network_error', untouched: true });
+
+    mint.pending = true;
+    const refused = await newWallet().redeem(token, 'req-refused').catch((e: unknown) => e);
+    expect(refused).toMatchObject({ code: 'token_pending', untouched: true });
+    mint.settlePending();
+    expect(secretsOf(token).map((s) => mint.stateOf(s))).toEqual(secretsOf(token).map(() => 'UNSPENT'));
+  });
+
   it('a connection lost after the mint swapped is settled at once: checkstate, then restore from the seed', async () => {
     const wallet = newWallet();
     const token = await consumerToken(mint, 40);

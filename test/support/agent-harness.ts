@@ -16,6 +16,10 @@ import { Agent, type AgentOptions, type Inbound } from '../../src/agent/agent.js
 import { SenderRateLimiter, SpawnAdmission, type SpawnLimits } from '../../src/agent/admission.js';
 import { InflightJournal } from '../../src/agent/inflight.js';
 import { LeaseStore } from '../../src/agent/leases.js';
+import { PaymentFlow } from '../../src/agent/payment-flow.js';
+import { PaymentJournal } from '../../src/agent/payment-journal.js';
+import type { PricingPolicy } from '../../src/agent/pricing.js';
+import type { Payments } from '../../src/payment/types.js';
 import type { Plan } from '../../src/agent/plans.js';
 import { SeenStore } from '../../src/agent/seen.js';
 import { Supervisor, type SupervisorOptions } from '../../src/agent/supervisor.js';
@@ -24,6 +28,8 @@ import { FakeDriver } from './fake-driver.js';
 import { MemoryOutbox, type Message } from './memory-outbox.js';
 
 export const SMALL_PLAN: Plan = { id: 'small', name: 'Small', description: 'one vCPU', vcpus: 1, memoryMb: 256, diskGb: 2, durationSeconds: 3600 };
+/** A plan at 1000 msat/s: with `payments`, spawns and top-ups of it are paid. */
+export const PAID_PLAN: Plan = { id: 'paid', name: 'Paid', description: 'one vCPU, by the second', vcpus: 1, memoryMb: 256, diskGb: 2, durationSeconds: 3600, rateMsatsPerSec: 1000 };
 export const BIG_PLAN: Plan = { id: 'big', name: 'Big', description: 'four vCPUs', vcpus: 4, memoryMb: 4096, diskGb: 20, durationSeconds: 3600 };
 
 /** Roomy enough that only the limit a test lowers can refuse a spawn. */
@@ -50,6 +56,10 @@ export interface HarnessOptions {
   agent?: Partial<AgentOptions>;
   supervisor?: Partial<Pick<SupervisorOptions, 'tickMs' | 'warnBeforeSeconds'>>;
   logger?: Logger;
+  /** The wallet: set, the agent runs in `paid` mode with a payment journal in the state directory. */
+  payments?: Payments;
+  /** Default: 60 s minimum, 24 h maximum. */
+  pricing?: PricingPolicy;
 }
 
 /** A random 64-hex key or id, as the transport would deliver. */
@@ -70,6 +80,8 @@ export class Harness {
   readonly admission: SpawnAdmission;
   readonly agent: Agent;
   readonly supervisor: Supervisor;
+  readonly payment: PaymentFlow | undefined;
+  readonly paymentJournal: PaymentJournal | undefined;
   private stopped = false;
 
   constructor(private readonly opts: HarnessOptions = {}) {
@@ -84,11 +96,16 @@ export class Harness {
     this.inflight = new InflightJournal(this.stateDir);
     this.admission = new SpawnAdmission({ ...OPEN_LIMITS, ...opts.limits }, () => this.leases.all());
     const drivers = { [this.driver.kind]: this.driver };
+    if (opts.payments) {
+      this.paymentJournal = new PaymentJournal(this.stateDir);
+      const policy = opts.pricing ?? { minimumSeconds: 60, maxLeaseSeconds: 86_400 };
+      this.payment = new PaymentFlow({ payments: opts.payments, journal: this.paymentJournal, policy, logger });
+    }
     this.agent = new Agent({
       publicHost: '127.0.0.1',
       tiers: [{ level: 'dedicated-host', driver: this.driver.kind }],
       drivers,
-      plans: opts.plans ?? [SMALL_PLAN, BIG_PLAN],
+      plans: opts.plans ?? (opts.payments ? [SMALL_PLAN, BIG_PLAN, PAID_PLAN] : [SMALL_PLAN, BIG_PLAN]),
       defaultPlan: 'small',
       maxContentBytes: 64 * 1024,
       maxConcurrentRequests: 8,
@@ -101,6 +118,7 @@ export class Harness {
       logger,
       rateLimiter: new SenderRateLimiter({ capacity: 1000, refillPerSecond: 1000 }),
       admission: this.admission,
+      ...(this.payment ? { admissionMode: 'paid' as const, payment: this.payment } : {}),
       ...opts.agent,
     });
     this.supervisor = new Supervisor({
@@ -119,6 +137,8 @@ export class Harness {
 
   /** Settle what an earlier run left, then supervise: the service's start order. */
   async start(): Promise<this> {
+    await this.opts.payments?.recover();
+    await this.agent.reconcilePayments();
     await this.supervisor.reconcile();
     this.supervisor.start();
     return this;
