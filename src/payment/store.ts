@@ -11,7 +11,7 @@
  * reads the files afresh.
  */
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
-import { open, readFile, rm, unlink } from 'node:fs/promises';
+import { open, readFile, rm, stat, unlink } from 'node:fs/promises';
 import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -67,6 +67,8 @@ const CountersSchema = z.record(z.string(), z.number().int().min(0));
 
 const LOCK_POLL_MS = 25;
 const LOCK_WAIT_MS = 60_000;
+/** An empty lock file older than this was left by a crash between creating and writing it. */
+const LOCK_EMPTY_STALE_MS = 2_000;
 
 export class WalletStore {
   readonly dir: string;
@@ -109,18 +111,32 @@ export class WalletStore {
     const path = join(this.dir, 'lock');
     const deadline = Date.now() + LOCK_WAIT_MS;
     for (;;) {
+      let created = false;
       try {
         const fh = await open(path, 'wx', 0o600);
-        await fh.writeFile(`${process.pid}\n`);
-        await fh.close();
+        created = true;
+        try {
+          await fh.writeFile(`${process.pid}\n`);
+        } finally {
+          await fh.close();
+        }
         return () => unlink(path).catch(() => undefined);
       } catch (err) {
+        // Created but not written (a full disk): an empty lock would look
+        // held by nobody we could check, so it goes before the error does.
+        if (created) await rm(path, { force: true });
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       }
-      const owner = Number.parseInt(await readFile(path, 'utf8').catch(() => ''), 10);
+      const text = await readFile(path, 'utf8').catch(() => undefined);
+      const owner = Number.parseInt(text ?? '', 10);
       // Our own pid in the file can only be a leftover of an earlier process
-      // (this process takes the file lock one holder at a time).
-      if (Number.isInteger(owner) && owner > 0 && (owner === process.pid || !processAlive(owner))) {
+      // (this process takes the file lock one holder at a time). A file with
+      // no pid is what a crash between creating and writing it leaves; its
+      // creator writes the pid at once, so one still empty after a moment is stale.
+      const stale =
+        (Number.isInteger(owner) && owner > 0 && (owner === process.pid || !processAlive(owner))) ||
+        (text !== undefined && text.trim() === '' && (await olderThan(path, LOCK_EMPTY_STALE_MS)));
+      if (stale) {
         await rm(path, { force: true });
         continue;
       }
@@ -277,4 +293,9 @@ function processAlive(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+async function olderThan(path: string, ms: number): Promise<boolean> {
+  const st = await stat(path).catch(() => undefined);
+  return st !== undefined && Date.now() - st.mtimeMs > ms;
 }
