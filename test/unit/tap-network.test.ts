@@ -118,12 +118,19 @@ describe('tap mode in qemu argv and the seed', () => {
       ethernets: {
         net0: {
           match: { macaddress: '52:54:00:70:00:01' },
+          'set-name': 'eth0',
           addresses: ['10.77.0.6/30'],
           routes: [{ to: '0.0.0.0/0', via: '10.77.0.5' }],
           nameservers: { addresses: ['1.1.1.1'] },
         },
       },
     });
+    // A MAC whose groups are all below 60 is a base-60 integer to YAML 1.1 (PyYAML) unless quoted.
+    const sexagesimal = buildCloudConfig({
+      hostname: 'vm1', passwordHash: sha512crypt('pw', 'abcdefgh12345678'), sshKeys: [], finalMessageToken: 'tok_0123456789', instanceId: 'vm1-x',
+      network: { mac: '52:54:00:12:34:56', address: '10.77.0.6/30', gateway: '10.77.0.5', dns: '1.1.1.1' },
+    });
+    expect((parse(sexagesimal.networkConfig!, { version: '1.1' }) as { ethernets: { net0: { match: { macaddress: unknown } } } }).ethernets.net0.match.macaddress).toBe('52:54:00:12:34:56');
     const without = buildCloudConfig({ hostname: 'vm1', passwordHash: sha512crypt('pw', 'abcdefgh12345678'), sshKeys: [], finalMessageToken: 'tok_0123456789', instanceId: 'vm1-x' });
     expect(without.networkConfig).toBeUndefined();
   });

@@ -92,7 +92,10 @@ export function cloudConfigObject(input: CloudConfigInput): Record<string, unkno
 /**
  * NoCloud network-config, version 2 (cloud-init 22.4 renders it for ifupdown,
  * netplan or networkd alike). Matched by MAC: the NIC's name differs between
- * images.
+ * images. `set-name` is what makes cloud-init rename the matched NIC: without
+ * it, its networkd renderer matches on the config's key as the interface name
+ * too (`Name=net0`), and its ifupdown renderer configures an interface called
+ * `net0`; neither exists, and the guest would have no network.
  */
 export function networkConfigObject(net: GuestNetwork): Record<string, unknown> {
   return {
@@ -100,6 +103,7 @@ export function networkConfigObject(net: GuestNetwork): Record<string, unknown> 
     ethernets: {
       net0: {
         match: { macaddress: net.mac },
+        'set-name': 'eth0',
         addresses: [net.address],
         routes: [{ to: '0.0.0.0/0', via: net.gateway }],
         nameservers: { addresses: [net.dns] },
