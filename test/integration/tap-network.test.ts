@@ -241,12 +241,9 @@ async function netCommand(action: 'up' | 'down' | 'status'): Promise<{ code: num
   return { code: res.exitCode ?? -1, out: `${String(res.stdout)}${String(res.stderr)}` };
 }
 
-function serial(vm: Vm): string {
-  try {
-    return readFileSync(join(vm.dir, 'serial.log'), 'utf8');
-  } catch {
-    return '';
-  }
+/** The guest's console so far, drained from qemu's ring by the driver. */
+function serial(vm: Vm): Promise<string> {
+  return driver.call<string>(vm.mode, 'console', vm.id).catch(() => '');
 }
 
 /** What the probe `target` got, from the guest's console. */
@@ -377,13 +374,13 @@ describe('guest network modes in network namespaces (real qemu, TCG, tiny guest,
       const ready = await driver.call<{ ready: boolean }>(vm.mode, 'waitReady', vm.id);
       expect(ready.ready, `${vm.id} ready`).toBe(true);
     }
-    await until(() => running.every((vm) => serial(vm).includes('paygress-probe: done')), 400_000, 'every guest\'s probes');
+    await until(async () => (await Promise.all(running.map(serial))).every((out) => out.includes('paygress-probe: done')), 400_000, 'every guest\'s probes');
     const inbound = {} as Record<Mode, boolean>;
     for (const vm of running) inbound[vm.mode] = (inbound[vm.mode] ?? true) && (await bannerFrom(INET_NS, HOST_ADDR, vm.sshPort));
 
     const measured = {} as Record<Mode, boolean[]>;
     for (const vm of running) {
-      const out = serial(vm);
+      const out = await serial(vm);
       console.log(`[tap-network] ${vm.id}:\n  ${out.split('\n').filter((l) => /^paygress-(probe|dns|spoof|tiny-guest: network)/.test(l)).join('\n  ')}`);
       const row = ROWS.map((r) => r.measure(vm, out));
       // Both tap guests must agree; the table shows any reach either had.

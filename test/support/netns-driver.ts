@@ -17,7 +17,7 @@ const drivers = new Map(Object.entries(configs).map(([name, c]) => [name, new Kv
 interface Request {
   seq: number;
   driver: string;
-  op: 'create' | 'destroy' | 'inspect' | 'waitReady' | 'meta';
+  op: 'create' | 'destroy' | 'inspect' | 'waitReady' | 'meta' | 'console';
   id: string;
 }
 
@@ -35,6 +35,9 @@ async function handle(r: Request): Promise<unknown> {
       return d.waitReady(r.id, { timeoutMs: 180_000 });
     case 'meta':
       return d.readMeta(r.id);
+    case 'console':
+      // qemu keeps the console in a ring: only a read drains it into serial.log.
+      return d.readConsole(r.id);
   }
 }
 
