@@ -19,7 +19,7 @@ import { ConsumerClient, NoReplyError, type ReplyMessage } from '../../src/clien
 import { startRelay, type LocalRelay } from '../support/relay.js';
 import { ensureTinyGuest } from '../support/tiny-guest.js';
 import { startAgentProcess, type AgentProcess } from '../support/agent-process.js';
-import { isFree, qemuPidsMatching } from '../support/net.js';
+import { isFree, qemuPidsMatching, until } from '../support/net.js';
 import { filesUnder } from '../support/files.js';
 
 const PORTS = { from: 45020, to: 45029 };
@@ -43,18 +43,20 @@ const spawnReq = (extra: Record<string, unknown> = {}) => ({ type: 'spawn', root
 const ask = (c: ConsumerClient, req: Record<string, unknown> | string) => c.request(req, { timeoutMs: 60_000 });
 
 /** Exactly the live workloads have a directory and a qemu process; nothing else. */
-function expectOnlyLive(): void {
+async function expectOnlyLive(): Promise<void> {
   const dirs = existsSync(agent.vmRoot) ? readdirSync(agent.vmRoot).filter((n) => !n.startsWith('.')) : [];
   expect(dirs.sort()).toEqual([...live].sort());
   expect(qemuPidsMatching(agent.vmRoot)).toHaveLength(live.size);
   expect(readdirSync(join(agent.stateDir, 'leases')).sort()).toEqual([...live].map((id) => `${id}.json`).sort());
-  expect(readdirSync(join(agent.stateDir, 'inflight'))).toEqual([]);
+  // A spawn's journal entry ends once a relay took its reply, which is about
+  // when the consumer reads it: wait for that, not for a fixed moment.
+  await until(() => readdirSync(join(agent.stateDir, 'inflight')).length === 0, 10_000, 'every spawn journal entry ended');
 }
 
 async function expectRefused(reply: ReplyMessage, code: string): Promise<void> {
   expect(reply).toMatchObject({ type: 'error', code });
   expect(JSON.stringify(reply)).not.toContain(PASSWORD);
-  expectOnlyLive();
+  await expectOnlyLive();
 }
 
 beforeAll(async () => {
@@ -127,7 +129,7 @@ describe('admission limits, each with its code', () => {
     const ok = replies.filter((r) => r.type === 'access_details');
     expect(replies.map((r) => r.code ?? r.type).sort()).toEqual(['access_details', 'busy', 'busy']);
     live.add(ok[0]!.workload_id as string);
-    expectOnlyLive();
+    await expectOnlyLive();
     // The one that got through is the sender that now holds a workload.
     const owner = senders[replies.indexOf(ok[0]!)]!;
     // Same sender again: quota_exceeded.
@@ -187,7 +189,7 @@ describe('admission limits, each with its code', () => {
     const id = reply.workload_id as string;
     expect(id).toMatch(/^w-[0-9a-f]{12}$/);
     live.add(id);
-    expectOnlyLive();
+    await expectOnlyLive();
     expect(existsSync('/tmp/pwn')).toBe(false);
     // The poll really watched the spawn's processes.
     expect([...seenCmdlines].some((cmd) => cmd.includes('qemu-system'))).toBe(true);
@@ -228,14 +230,14 @@ describe('admission limits, each with its code', () => {
       expect(await ask(owner, { type: 'stop', workload_id: id })).toMatchObject({ type: 'stopped' });
       live.delete(id);
     }
-    expectOnlyLive();
+    await expectOnlyLive();
     for (const p of ports) expect(await isFree(p)).toBe(true);
     // The quota came back: a fresh spawn fits again.
     const c = await client();
     const again = await ask(c, spawnReq());
     expect(again).toMatchObject({ type: 'access_details' });
     expect(await ask(c, { type: 'stop', workload_id: again.workload_id })).toMatchObject({ type: 'stopped' });
-    expectOnlyLive();
+    await expectOnlyLive();
     expect(agent.proc.exitCode).toBeNull();
   });
 });
