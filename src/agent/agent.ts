@@ -16,6 +16,7 @@ import { RequestError, type ErrorCode } from '../protocol/errors.js';
 import { type SpawnRequest, type StatusRequest, type StopRequest, type TopupRequest } from '../protocol/requests.js';
 import { parseAnyRequest, toUpstreamReply, type UpstreamKind } from '../protocol/upstream.js';
 import { errorReply, type AccessDetails, type PaymentFields, type PlanInfo, type Reply } from '../protocol/replies.js';
+import { KeyedTurns } from '../util/keyed-turns.js';
 import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
 import { NoticeGate, type SenderRateLimiter, type SpawnAdmission } from './admission.js';
 import type { Allowlist } from './allowlist.js';
@@ -165,7 +166,7 @@ export class Agent {
    * write: top-ups of one workload run one at a time, so each one's cap is
    * computed from the lease the one before left.
    */
-  private readonly topups = new Map<string, Promise<unknown>>();
+  private readonly topups = new KeyedTurns();
   private accepting = true;
   /** Aborted at shutdown: readiness watches end without judging the VM. */
   private readonly shutdown = new AbortController();
@@ -457,7 +458,7 @@ export class Agent {
     // Nothing was delivered: what the lease holds goes back, journaled before the VM (and its lease) goes.
     // Closed first, so no top-up lands after the holding is read; one already paying finishes (or is refunded) before it is.
     this.closing.add(workloadId);
-    await this.topups.get(workloadId)?.catch(() => undefined);
+    await this.topups.settled(workloadId);
     const owed = await this.oweForBootFailure(this.opts.leases.get(workloadId) ?? lease, message, log);
     // The stop marks the workload stopping at once: the closing mark is no longer needed.
     const teardown = this.destroyLease(lease, log);
@@ -570,18 +571,7 @@ export class Agent {
     const flow = this.opts.payment;
     if (this.opts.admissionMode !== 'paid' || !flow) throw new RequestError('payment_required', 'this provider does not sell extensions');
     const { workloadId } = this.ownedLease(req.workload_id, msg.sender);
-    return this.inTopupTurn(workloadId, () => this.topupInTurn(req, msg, log, dialect, paid, flow));
-  }
-
-  /** Runs `step` after every earlier top-up of the workload has ended (however it ended). */
-  private inTopupTurn<T>(workloadId: string, step: () => Promise<T>): Promise<T> {
-    const next = (this.topups.get(workloadId) ?? Promise.resolve()).catch(() => undefined).then(step);
-    this.topups.set(workloadId, next);
-    const forget = (): void => {
-      if (this.topups.get(workloadId) === next) this.topups.delete(workloadId);
-    };
-    next.then(forget, forget);
-    return next;
+    return this.topups.run(workloadId, () => this.topupInTurn(req, msg, log, dialect, paid, flow));
   }
 
   private async topupInTurn(req: TopupRequest, msg: Inbound, log: Logger, dialect: Dialect, paid: PaidOutcome, flow: PaymentFlow): Promise<Reply> {

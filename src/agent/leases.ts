@@ -9,6 +9,7 @@ import { basename, join } from 'node:path';
 import { z } from 'zod';
 import { ISOLATION_LEVELS } from '../protocol/isolation.js';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
+import { KeyedTurns } from '../util/keyed-turns.js';
 import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const LeaseSchema = z.object({
@@ -48,7 +49,7 @@ export class LeaseStore {
    * the order they were asked for: a delete asked for while a put is writing
    * would otherwise be undone when the put's rename lands after it.
    */
-  private readonly writing = new Map<string, Promise<void>>();
+  private readonly turns = new KeyedTurns();
 
   constructor(stateDir: string) {
     this.dir = join(stateDir, 'leases');
@@ -72,7 +73,7 @@ export class LeaseStore {
 
   /** Resolves once the lease is on disk (fsynced); only then does `get` return it. */
   put(lease: Lease): Promise<void> {
-    return this.inOrder(lease.workloadId, () => this.write(lease));
+    return this.turns.run(lease.workloadId, () => this.write(lease));
   }
 
   /**
@@ -81,14 +82,14 @@ export class LeaseStore {
    * workload's lease back.
    */
   update(id: string, change: (lease: Lease) => Lease): Promise<void> {
-    return this.inOrder(id, async () => {
+    return this.turns.run(id, async () => {
       const current = this.leases.get(id);
       if (current) await this.write(change(current));
     });
   }
 
   delete(id: string): Promise<void> {
-    return this.inOrder(id, async () => {
+    return this.turns.run(id, async () => {
       await rm(join(this.dir, `${id}.json`), { force: true });
       this.leases.delete(id);
     });
@@ -97,15 +98,5 @@ export class LeaseStore {
   private async write(lease: Lease): Promise<void> {
     await writeFileAtomicAsync(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
     this.leases.set(lease.workloadId, lease);
-  }
-
-  private inOrder(id: string, step: () => Promise<void>): Promise<void> {
-    const next = (this.writing.get(id) ?? Promise.resolve()).catch(() => undefined).then(step);
-    this.writing.set(id, next);
-    const forget = (): void => {
-      if (this.writing.get(id) === next) this.writing.delete(id);
-    };
-    next.then(forget, forget);
-    return next;
   }
 }
