@@ -200,7 +200,7 @@ export class Agent {
     }
     // Holders of a workload wait in their own lane, served first: a flood of
     // fresh keys cannot keep a tenant from stopping or checking its VM.
-    const tenant = this.opts.leases.all().some((l) => l.owner === msg.sender);
+    const tenant = this.opts.leases.hasOwner(msg.sender);
     const before = this.queue.stats();
     const job = this.queue.offer(async () => {
       // Claimed only when work starts: a message still queued when the agent

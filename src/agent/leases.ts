@@ -71,6 +71,12 @@ export class LeaseStore {
     return [...this.leases.values()];
   }
 
+  /** Whether `owner` holds a lease; no copy of the list (asked for every inbound message). */
+  hasOwner(owner: string): boolean {
+    for (const lease of this.leases.values()) if (lease.owner === owner) return true;
+    return false;
+  }
+
   /** Resolves once the lease is on disk (fsynced); only then does `get` return it. */
   put(lease: Lease): Promise<void> {
     return this.turns.run(lease.workloadId, () => this.write(lease));
