@@ -16,7 +16,7 @@
  * A full disk: a claim that cannot be written is not taken (memory unchanged)
  * and reported as `unrecorded`; the caller holds the request and retries.
  */
-import { closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { writeAllSync, writeFileAtomic } from '../util/atomic-file.js';
@@ -198,16 +198,6 @@ export class SeenStore {
     const old = this.syncHandle;
     this.syncHandle = undefined;
     void old?.then((fh) => fh.close()).catch(() => undefined);
-  }
-
-  /** Bytes in the log now (for logs and tests). */
-  fileBytes(): number {
-    try {
-      this.fd ??= openSync(this.file, 'a', 0o600);
-      return fstatSync(this.fd).size;
-    } catch {
-      return 0;
-    }
   }
 
   close(): void {
