@@ -24,7 +24,7 @@ export class RequestQueue {
     private concurrency: number,
     private maxQueued: number,
   ) {
-    if (!(concurrency >= 1) || !(maxQueued >= 0)) throw new Error('request queue needs concurrency >= 1 and maxQueued >= 0');
+    this.setLimits(concurrency, maxQueued);
   }
 
   /**
@@ -37,7 +37,7 @@ export class RequestQueue {
     this.concurrency = concurrency;
     this.maxQueued = maxQueued;
     while (this.running < this.concurrency) {
-      const next = this.priority.shift() ?? this.normal.shift();
+      const next = this.nextWaiter();
       if (!next) break;
       this.running++;
       next();
@@ -64,6 +64,10 @@ export class RequestQueue {
     return { running: this.running, queued: this.normal.length, queuedPriority: this.priority.length, queuedPeak: this.peak };
   }
 
+  private nextWaiter(): (() => void) | undefined {
+    return this.priority.shift() ?? this.normal.shift();
+  }
+
   /** Runs in a slot already counted in `running`. */
   private async exec<T>(job: () => Promise<T>): Promise<T> {
     try {
@@ -72,7 +76,7 @@ export class RequestQueue {
       // The slot passes straight to the next waiter, so a request arriving
       // meanwhile cannot take it and exceed the concurrency; after a lowered
       // concurrency (setLimits) it is given up until running is below it.
-      const next = this.running <= this.concurrency ? this.priority.shift() ?? this.normal.shift() : undefined;
+      const next = this.running <= this.concurrency ? this.nextWaiter() : undefined;
       if (next) next();
       else this.running--;
     }
