@@ -47,15 +47,7 @@ export function planReload(running: Config, next: Config): ReloadPlan {
 
 /** The config to run with after a reload: the live fields from `next`, everything else from `running`. */
 export function applyLiveFields(running: Config, next: Config): Config {
-  return {
-    ...running,
-    relays: next.relays,
-    logLevel: next.logLevel,
-    plans: next.plans,
-    defaultPlan: next.defaultPlan,
-    limits: next.limits,
-    admission: next.admission,
-  };
+  return { ...running, ...Object.fromEntries(LIVE_FIELDS.map((field) => [field, next[field]])) };
 }
 
 function isRecord(x: unknown): x is Record<string, unknown> {

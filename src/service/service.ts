@@ -11,6 +11,7 @@ import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
 import { Allowlist } from '../agent/allowlist.js';
 import { PaymentFlow } from '../agent/payment-flow.js';
+import type { PricingPolicy } from '../agent/pricing.js';
 import { PaymentJournal } from '../agent/payment-journal.js';
 import { createPayments } from '../payment/index.js';
 import { join } from 'node:path';
@@ -90,15 +91,13 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   const payment = new PaymentFlow({
     payments,
     journal: new PaymentJournal(cfg.stateDir),
-    policy: { minimumSeconds: cfg.admission.minimumDurationSeconds, maxLeaseSeconds: cfg.admission.maxLeaseSeconds },
+    policy: pricingPolicy(cfg.admission),
     logger: logger.child({ part: 'payment' }),
   });
   const allowlistOf = (admission: Config['admission']) =>
     admission.mode === 'allowlist' ? new Allowlist(admission.allowlist, admission.allowlistFile, logger.child({ part: 'allowlist' })) : undefined;
   const allowlist = allowlistOf(cfg.admission);
-  logger.info({ mode: cfg.admission.mode, whitelistedMints: cfg.admission.mode === 'paid' ? cfg.payment.whitelistedMints : [] }, 'admission');
-  const hostCapacity = resolveHostCapacity(cfg.limits.hostCapacity);
-  logger.info({ hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
+  logger.info({ mode: cfg.admission.mode, whitelistedMints: offeredMints(cfg) }, 'admission');
   const rateLimiter = new SenderRateLimiter({ capacity: cfg.limits.rateBurst, refillPerSecond: cfg.limits.ratePerMinute / 60 });
   const spawnLimits = (limits: Config['limits']) => ({
     maxVmsPerSender: limits.maxVmsPerSender,
@@ -106,8 +105,10 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     maxSpawnsInFlight: limits.maxSpawnsInFlight,
     hostCapacity: resolveHostCapacity(limits.hostCapacity),
   });
+  const startLimits = spawnLimits(cfg.limits);
+  logger.info({ hostCapacity: startLimits.hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
   const admission = new SpawnAdmission(
-    spawnLimits(cfg.limits),
+    startLimits,
     () => leases.all(),
     kvmDriver && {
       // A getter: reload() replaces cfg, and the reserve applies from the next spawn on.
@@ -224,7 +225,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
           isolationLevels: cfg.tiers.map((t) => t.level),
           apiEndpoint: cfg.discovery.apiEndpoint,
           totalJobsCompleted: 0,
-          whitelistedMints: cfg.admission.mode === 'paid' ? cfg.payment.whitelistedMints : [],
+          whitelistedMints: offeredMints(cfg),
         }),
         held: () => leases.all(),
         vmRoot: cfg.drivers.kvm?.vmRoot ?? cfg.stateDir,
@@ -263,7 +264,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       });
       if (plan.live.some((path) => path.startsWith('admission'))) {
         agent.updateAdmission({ admissionMode: after.admission.mode, allowlist: allowlistOf(after.admission) });
-        payment.setPolicy({ minimumSeconds: after.admission.minimumDurationSeconds, maxLeaseSeconds: after.admission.maxLeaseSeconds });
+        payment.setPolicy(pricingPolicy(after.admission));
       }
       cfg = after;
       return plan;
@@ -283,4 +284,13 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       logger.info('agent stopped; workloads keep running');
     },
   };
+}
+
+/** The mints the offer names and the admission log shows: only a paid provider takes tokens. */
+function offeredMints(cfg: Config): string[] {
+  return cfg.admission.mode === 'paid' ? cfg.payment.whitelistedMints : [];
+}
+
+function pricingPolicy(admission: Config['admission']): PricingPolicy {
+  return { minimumSeconds: admission.minimumDurationSeconds, maxLeaseSeconds: admission.maxLeaseSeconds };
 }
