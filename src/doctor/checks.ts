@@ -5,7 +5,7 @@
  * Nothing here changes the host, except short-lived temp files.
  */
 import { constants } from 'node:fs';
-import { access, mkdtemp, readdir, readFile, rm, stat, statfs } from 'node:fs/promises';
+import { access, mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execa } from 'execa';
@@ -16,6 +16,7 @@ import { kvmUsable } from '../drivers/kvm/accel.js';
 import { probeGuest } from '../drivers/kvm/kvm-probe.js';
 import { canBind } from '../drivers/kvm/ports.js';
 import { npubOf, pubkeyOf, readKeyFile } from '../nostr/keys.js';
+import { freeBytesUnder } from '../util/free-space.js';
 import { silentLogger } from '../util/logger.js';
 import type { CheckResult } from './report.js';
 
@@ -243,21 +244,6 @@ export async function checkWritableDir(label: string, field: string, dir: string
 
 // ------------------------------------------------------------------ disk space
 
-/** Bytes free for the agent's user on the disk holding `dir` (or its nearest existing ancestor). */
-export async function freeBytesUnder(dir: string): Promise<number> {
-  let probe = dir;
-  for (;;) {
-    try {
-      const st = await statfs(probe);
-      return st.bavail * st.bsize;
-    } catch (err) {
-      const parent = path.dirname(probe);
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || parent === probe) throw err;
-      probe = parent;
-    }
-  }
-}
-
 /**
  * Free space under the VM root against the reserve and the plans. Never a
  * blocker: a full disk must not keep the agent from starting (it still has
@@ -267,7 +253,7 @@ export async function checkDiskSpace(vmRoot: string, reserveGb: number, plans: R
   const name = 'disk space';
   let free: number;
   try {
-    free = await freeBytesUnder(vmRoot);
+    free = freeBytesUnder(vmRoot);
   } catch (err) {
     return { name, status: 'warn', detail: `cannot read free space under ${vmRoot}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, fix: 'check drivers.kvm.vmRoot' };
   }

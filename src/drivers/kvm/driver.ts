@@ -6,7 +6,7 @@
  * takes is released if a later step fails.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { statfsSync, statSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { appendFile, chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
@@ -29,6 +29,7 @@ import { SlotAllocator } from './slots.js';
 import type { TapSlot } from '../../hostnet/plan.js';
 import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
+import { freeBytesUnder } from '../../util/free-space.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
@@ -512,27 +513,17 @@ export class KvmDriver implements ComputeDriver {
    * decides in one turn of the event loop. Throws if the VM root's disk cannot be read.
    */
   diskReading(ids: readonly string[]): { freeBytes: number; allocatedBytes: number } {
-    let dir = this.config.vmRoot;
-    // The VM root may not exist yet: its nearest existing ancestor is on the same disk.
-    for (;;) {
+    const freeBytes = freeBytesUnder(this.config.vmRoot);
+    let allocatedBytes = 0;
+    for (const id of ids) {
+      if (!ID_RE.test(id)) continue;
       try {
-        const st = statfsSync(dir);
-        let allocatedBytes = 0;
-        for (const id of ids) {
-          if (!ID_RE.test(id)) continue;
-          try {
-            allocatedBytes += statSync(vmFile(this.workloadDir(id), 'disk')).blocks * 512;
-          } catch {
-            // no overlay (yet, or any more): it takes nothing
-          }
-        }
-        return { freeBytes: st.bavail * st.bsize, allocatedBytes };
-      } catch (err) {
-        const parent = path.dirname(dir);
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || parent === dir) throw err;
-        dir = parent;
+        allocatedBytes += statSync(vmFile(this.workloadDir(id), 'disk')).blocks * 512;
+      } catch {
+        // no overlay (yet, or any more): it takes nothing
       }
     }
+    return { freeBytes, allocatedBytes };
   }
 
   async list(): Promise<string[]> {
