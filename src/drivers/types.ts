@@ -67,12 +67,46 @@ export interface ComputeDriver {
   waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
   /** Let go of the driver's own helpers at shutdown; workloads keep running. */
   close(): void;
+  /** Present when the driver can keep booted, idle VMs to hand to a tenant later (the warm pool). */
+  readonly warm?: WarmPoolSupport;
+}
+
+/** A warm-pool VM as the agent asks for it: booted and idle, and nobody can log in to it until `handOff`. */
+export interface IdleSpec {
+  /** Agent-generated id, same rules as `WorkloadSpec.id`. */
+  id: string;
+  vcpus: number;
+  memoryMb: number;
+  diskGb: number;
+}
+
+/** The tenant's side of a hand-off: the same validated fields a cold spawn gets. */
+export interface TenantSpec {
+  hostname: string;
+  /** Plaintext, in memory only: the driver gives the guest nothing but its SHA-512 crypt hash. */
+  rootPassword: string;
+  sshKeys: string[];
+}
+
+/**
+ * Booting VMs ahead of demand and giving one to a tenant. A VM is handed off
+ * at most once; from then on it belongs to the tenant and the driver never
+ * talks to anything inside it again. A failed hand-off leaves the VM for the
+ * caller to destroy.
+ */
+export interface WarmPoolSupport {
+  /** Create and start an idle VM (root locked, no keys). Same release-on-failure rule as `create`. */
+  createIdle(spec: IdleSpec): Promise<WorkloadHandle>;
+  /** Wait until the idle VM can take a hand-off (or it dies, or `timeoutMs` passes). */
+  waitIdle(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
+  /** Give the idle VM to a tenant; resolves once root's password login is open. Rejects with DriverError `handoff_failed`. */
+  handOff(id: string, tenant: TenantSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void>;
 }
 
 /** A driver failure with a stable code the agent can map to a reply. */
 export class DriverError extends Error {
   constructor(
-    readonly code: 'capacity' | 'launch_failed' | 'timeout' | 'internal',
+    readonly code: 'capacity' | 'launch_failed' | 'handoff_failed' | 'timeout' | 'internal',
     message: string,
     readonly detail?: string,
   ) {
