@@ -320,6 +320,23 @@ export class SpawnAdmission {
     return { release: () => void this.reserved.delete(hold) };
   }
 
+  /**
+   * Whether the host's limits leave room for one more VM of the agent's own
+   * (the warm pool): the same check as a spawn's, with no sender quota and
+   * nothing reserved; the caller makes the VM count (in `live()`) in the same turn.
+   */
+  roomFor(want: Want): RequestError | null {
+    let disk: { reading: DiskReading; reserveGb: number } | undefined;
+    if (this.disk && want.diskGb !== undefined) {
+      try {
+        disk = { reading: this.disk.read([...this.live()]), reserveGb: this.disk.reserveGb };
+      } catch {
+        return new RequestError('capacity_exhausted', 'this host cannot check its disk space right now');
+      }
+    }
+    return checkSpawn({ ...this.usage(''), senderVms: 0 }, want, this.limits, disk);
+  }
+
   get inFlight(): number {
     return this.reserved.size;
   }

@@ -18,7 +18,7 @@ import { parseAnyRequest, toUpstreamReply, type UpstreamKind } from '../protocol
 import { errorReply, type AccessDetails, type PaymentFields, type PlanInfo, type Reply } from '../protocol/replies.js';
 import { KeyedTurns } from '../util/keyed-turns.js';
 import { addLogContext, withLogContext, type Logger } from '../util/logger.js';
-import { NoticeGate, type SenderRateLimiter, type SpawnAdmission } from './admission.js';
+import { NoticeGate, type Reservation, type SenderRateLimiter, type SpawnAdmission } from './admission.js';
 import type { Allowlist } from './allowlist.js';
 import { RefundedError, type PaymentFlow, type Settlement } from './payment-flow.js';
 import type { PaymentRecord } from './payment-journal.js';
@@ -30,6 +30,7 @@ import { RecentIds } from './recent-ids.js';
 import { RequestQueue, type RequestQueueStats } from './request-queue.js';
 import type { ClaimResult, SeenStore } from './seen.js';
 import { chooseTier, type TierOffer } from './tiers.js';
+import type { PoolClaim, WarmPool } from './warm-pool.js';
 
 /** One decrypted, authenticated message, transport-neutral. */
 export interface Inbound {
@@ -123,6 +124,8 @@ export interface AgentOptions {
   admissionMode?: 'open' | 'allowlist' | 'paid';
   allowlist?: Allowlist;
   payment?: PaymentFlow;
+  /** Idle VMs to hand to spawns of their plan (plans with `warmPool` > 0); none = every spawn boots cold. */
+  warmPool?: WarmPool;
 }
 
 /** How a request was shaped; its replies and its workload's later notices keep that shape. */
@@ -435,6 +438,11 @@ export class Agent {
     }
     const route: Route = { to: lease.owner, channel: lease.channel, replyTo: lease.requestId };
     const base = { version: 1, request_id: lease.requestId, workload_id: workloadId } as const;
+    if (lease.readyAt) {
+      // A pool VM handed off before the access details went out: ready at once.
+      if (lease.dialect !== 'upstream') await this.opts.outbox.send(route, { type: 'ready', ...base, ms: 0 }).catch(() => undefined);
+      return;
+    }
     // Already set for a new spawn (spawnAdmitted); set here for a watch resumed after a restart.
     this.booting.add(workloadId);
     const result = await driver
@@ -519,18 +527,23 @@ export class Agent {
     }
     const driver = this.opts.drivers[tier.driver];
     if (!driver) throw new Error(`tier ${tier.level} names driver ${tier.driver}, which is not running`);
+    // A pool VM leaves the pool before the reservation, which then counts it
+    // once; it goes back untouched on any way out before its hand-off.
+    const claim = this.opts.warmPool?.take(tier.driver, resources);
     // Reserved before anything touches the host; released on every way out
     // (after lease.put the lease itself counts).
-    const reservation = this.opts.admission?.reserve(msg.sender, resources);
+    let reservation: Reservation | undefined;
     try {
-      const workloadId = `w-${randomBytes(6).toString('hex')}`;
+      reservation = this.opts.admission?.reserve(msg.sender, resources);
+      if (!claim) this.opts.warmPool?.refuseWhenEmpty(tier.driver, resources);
+      const workloadId = claim?.id ?? `w-${randomBytes(6).toString('hex')}`;
       // Every free check above has passed: only now is the token looked at, and swapped.
       const payment = await this.chargeForSpawn(req, msg, dialect, resources.plan, workloadId);
-      if (!payment) return await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, resources.plan.durationSeconds);
+      if (!payment) return await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, resources.plan.durationSeconds, undefined, claim);
       let reply: Reply;
       try {
         const held = { mint: payment.mint, unit: payment.unit, msats: (payment.msats ?? 0) - (payment.refundMsats ?? 0) };
-        reply = await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, payment.seconds ?? 0, held);
+        reply = await this.spawnAdmitted(req, msg, log, resources, tier, driver, workloadId, dialect, payment.seconds ?? 0, held, claim);
       } catch (err) {
         const refused = this.toErrorReply(err, msg.requestId, log);
         paid.settlement = await this.opts.payment!.finish(payment, false, {
@@ -543,6 +556,7 @@ export class Agent {
       return { ...reply, ...paymentFields(paid.settlement) } as Reply;
     } finally {
       reservation?.release();
+      claim?.release();
     }
   }
 
@@ -627,7 +641,7 @@ export class Agent {
     if (!flow) return;
     await flow.reconcile(
       (record) => {
-        const lease = this.opts.leases.get(record.workloadId);
+        const lease = this.leaseOfPayment(record);
         if (!lease) return false;
         return record.kind === 'spawn' ? lease.requestId === record.ref : (lease.paidRefs ?? []).includes(record.ref);
       },
@@ -639,7 +653,7 @@ export class Agent {
         if (lease && `${lease.requestId}.boot` === record.ref) await this.destroyLease(lease);
       },
       async (record, money) => {
-        const lease = this.opts.leases.get(record.workloadId);
+        const lease = this.leaseOfPayment(record);
         let reply: Reply | undefined;
         if (record.failure?.code === 'boot_failed') {
           const requestId = record.ref.replace(/\.boot$/, '');
@@ -662,6 +676,13 @@ export class Agent {
     );
   }
 
+  /** A spawn whose pool VM failed its hand-off ended on another workload than the one its payment names: found by its request. */
+  private leaseOfPayment(record: PaymentRecord): Lease | undefined {
+    const named = this.opts.leases.get(record.workloadId);
+    if (named || record.kind !== 'spawn') return named;
+    return this.opts.leases.all().find((l) => l.requestId === record.ref);
+  }
+
   private async spawnAdmitted(
     req: SpawnRequest,
     msg: Inbound,
@@ -673,19 +694,13 @@ export class Agent {
     dialect: Dialect,
     leaseSeconds: number,
     paid?: Lease['paid'],
+    claim?: PoolClaim,
   ): Promise<Reply> {
-    const wlog = log.child({ workloadId });
-    addLogContext({ workloadId });
     const started = Date.now();
-    await this.opts.inflight.begin({
-      requestId: msg.requestId,
-      sender: msg.sender,
-      channel: msg.channel,
-      workloadId,
-      driver: tier.driver,
-      startedAt: new Date(started).toISOString(),
-    });
-    const handle = await driver.create({
+    // The journal names the workload before the host is touched for it (each pool VM tried, then a cold one).
+    const journal = (id: string) =>
+      this.opts.inflight.begin({ requestId: msg.requestId, sender: msg.sender, channel: msg.channel, workloadId: id, driver: tier.driver, startedAt: new Date(started).toISOString() });
+    const spec = {
       id: workloadId,
       hostname: workloadId,
       vcpus: resources.vcpus,
@@ -693,7 +708,14 @@ export class Agent {
       diskGb: resources.diskGb,
       rootPassword: req.root_password,
       sshKeys: req.ssh_keys ?? [],
-    });
+    };
+    const { handle, pooled } = this.opts.warmPool
+      ? await this.opts.warmPool.acquire(claim, driver, spec, resources, journal, log)
+      : await journal(workloadId).then(async () => ({ handle: await driver.create(spec), pooled: false }));
+    // A pool VM keeps its own id.
+    workloadId = handle.id;
+    const wlog = log.child({ workloadId });
+    addLogContext({ workloadId });
     const createdAt = new Date();
     const lease: Lease = {
       workloadId,
@@ -712,6 +734,8 @@ export class Agent {
       expiresAt: new Date(createdAt.getTime() + leaseSeconds * 1000).toISOString(),
       ...(dialect === 'upstream' ? { dialect } : {}),
       ...(paid ? { paid } : {}),
+      // A handed-off pool VM already takes the tenant's login: no boot to watch.
+      ...(pooled ? { readyAt: createdAt.toISOString() } : {}),
     };
     try {
       await this.opts.leases.put(lease);
@@ -724,8 +748,8 @@ export class Agent {
     // watch starts after the reply went out: in between, the supervisor would
     // otherwise report a death during boot as workload_lost instead of
     // leaving it to the watch (boot_failed).
-    this.booting.add(workloadId);
-    wlog.info({ sshPort: handle.sshPort, tier: tier.level, ms: Date.now() - started }, 'workload started');
+    if (!pooled) this.booting.add(workloadId);
+    wlog.info({ sshPort: handle.sshPort, tier: tier.level, pooled, ms: Date.now() - started }, 'workload started');
     return this.accessDetails(lease);
   }
 
