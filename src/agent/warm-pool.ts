@@ -10,7 +10,8 @@
  * - Pool VMs count against the host's limits like leased ones (`holdings`,
  *   fed to admission's `live()`). A spawn takes its VM out of the pool before
  *   it reserves, so the VM is counted once: by the pool, then the spawn's
- *   reservation, then its lease.
+ *   reservation, then its lease. A spawn that finds no room has idle VMs
+ *   given up for it (`evictIdle`): the pool only ever uses room nobody asks for.
  * - `take` gives a VM to one caller only; a VM whose hand-off began never
  *   returns to the pool, whatever happens to the hand-off.
  * - Nothing about the pool is kept on disk: after a restart, every VM the
@@ -103,6 +104,8 @@ export interface WarmPoolStats {
   handedOff: number;
   handOffFailed: number;
   bootFailed: number;
+  /** Idle VMs given up to make room for a tenant's spawn. */
+  evicted: number;
 }
 
 export interface WarmPoolOptions {
@@ -138,7 +141,7 @@ export class WarmPool {
   private readonly failures = new Map<string, number>();
   private readonly blockedUntil = new Map<string, number>();
   private readonly destroying = new Set<Promise<void>>();
-  private readonly counts = { handedOff: 0, handOffFailed: 0, bootFailed: 0 };
+  private readonly counts = { handedOff: 0, handOffFailed: 0, bootFailed: 0, evicted: 0 };
   private readonly warm: WarmPoolSupport;
   private readonly log: Logger;
   private readonly stopping = new AbortController();
@@ -246,11 +249,28 @@ export class WarmPool {
     return { handle: await driver.create(spec), pooled: false };
   }
 
+  /**
+   * Give up one idle VM so a tenant's spawn gets its room (admission's
+   * `evictIdle`): it leaves the count at once and is destroyed in the
+   * background; its plan waits a backoff before booting another into room
+   * tenants are using. False when no VM is idle.
+   */
+  evictIdle(): boolean {
+    const vm = [...this.vms.values()].reverse().find((v) => v.state === 'idle');
+    if (!vm) return false;
+    this.vms.delete(vm.id);
+    this.counts.evicted++;
+    this.log.info({ workloadId: vm.id, plan: vm.planId }, 'pool VM given up to make room for a tenant');
+    this.noteFailure(vm.planId);
+    this.destroyLater(vm.id);
+    return true;
+  }
+
   /** What pool VMs hold, for admission and discovery (claimed ones are counted by their spawn's reservation). */
   holdings(): Array<Holding & { diskGb: number }> {
     return [...this.vms.values()]
       .filter((vm) => vm.state !== 'claimed')
-      .map((vm) => ({ workloadId: vm.id, owner: POOL_OWNER, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb }));
+      .map((vm) => ({ workloadId: vm.id, owner: POOL_OWNER, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb, evictable: vm.state === 'idle' }));
   }
 
   stats(): WarmPoolStats {

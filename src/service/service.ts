@@ -135,6 +135,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       idleTimeoutMs: kvm!.readyTimeoutMs,
       handOffTimeoutMs: HANDOFF_TIMEOUT_MS,
     });
+    admission.evictIdle = () => warmPool!.evictIdle();
   } else if (cfg.plans.some((p) => p.warmPool)) {
     logger.warn({ plans: cfg.plans.filter((p) => p.warmPool).map((p) => p.id) }, 'plans ask for a warm pool but the driver cannot keep idle VMs; every spawn boots cold');
   }

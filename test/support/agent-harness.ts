@@ -116,6 +116,7 @@ export class Harness {
         backoff: { baseMs: 20, maxMs: 200 },
         ...opts.warmPool,
       });
+      this.admission.evictIdle = () => this.pool!.evictIdle();
     }
     if (opts.payments) {
       this.paymentJournal = new PaymentJournal(this.stateDir);

@@ -7,7 +7,7 @@
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { backoffMs, poolStep, type PoolVm } from '../../src/agent/warm-pool.js';
 import type { Plan } from '../../src/agent/plans.js';
-import { closeHarnesses, Harness, hex32, POOLED_PLAN, SMALL_PLAN, SPAWN, WAIT } from '../support/agent-harness.js';
+import { BIG_PLAN, closeHarnesses, Harness, hex32, POOLED_PLAN, SMALL_PLAN, SPAWN, WAIT } from '../support/agent-harness.js';
 import { FakePayments, fakeToken } from '../support/fake-payments.js';
 import type { BootMode } from '../support/fake-driver.js';
 
@@ -114,17 +114,35 @@ describe('the pool', () => {
     expect(h.driver.secondHandOffs).toBe(0);
   });
 
-  it('counts against maxVms: a pooled spawn is not counted twice, a cold one finds no room, and the pool never refills past the limit', async () => {
+  it('counts against maxVms: a pooled spawn is not counted twice, and the pool never refills past the limit', async () => {
     const h = await pooled({ limits: { maxVms: 2 } });
     await poolReady(h, 2);
-    expect(await h.request(hex32(), { ...SPAWN, plan: 'small' })).toMatchObject({ type: 'error', code: 'capacity_exhausted' });
-    const reply = await h.spawn(hex32(), POOLED_SPAWN);
-    expect(h.leases.get(reply.workload_id)).toBeDefined();
+    const first = await h.spawn(hex32(), POOLED_SPAWN);
+    expect(h.driver.handOffCalls.map((c) => c.id)).toEqual([first.workload_id]);
     await new Promise((r) => setTimeout(r, 200));
     expect(h.pool!.stats()).toMatchObject({ ready: 1, booting: 0 });
-    expect(h.driver.workloads.size).toBe(2);
+    expect(h.driver.createIdleCalls).toHaveLength(2);
     await h.spawn(hex32(), POOLED_SPAWN);
     expect(await h.request(hex32(), POOLED_SPAWN)).toMatchObject({ type: 'error', code: 'capacity_exhausted' });
+    expect(h.driver.workloads.size).toBe(2);
+    expect(h.driver.createIdleCalls).toHaveLength(2);
+  });
+
+  it('gives up idle VMs for a tenant who finds no room, and only when that makes room', async () => {
+    const h = await pooled({ limits: { maxVms: 2, hostCapacity: { vcpus: 100, memoryMb: 2048 } }, plans: [POOLED_PLAN, SMALL_PLAN, BIG_PLAN] });
+    await poolReady(h, 2);
+    // 4096 MB do not fit even without the pool: nothing is given up.
+    expect(await h.request(hex32(), { ...SPAWN, plan: 'big' })).toMatchObject({ type: 'error', code: 'capacity_exhausted' });
+    expect(h.pool!.stats()).toMatchObject({ ready: 2, evicted: 0 });
+    // A small VM fits once one pool VM is gone.
+    const [, newest] = h.pool!.ids();
+    const small = await h.spawn(hex32(), { ...SPAWN, plan: 'small' });
+    expect(h.driver.createCalls.map((c) => c.id)).toEqual([small.workload_id]);
+    expect(h.pool!.stats()).toMatchObject({ ready: 1, evicted: 1 });
+    expect(h.driver.destroyCalls).toEqual([newest]);
+    // The pool keeps the one left and boots none into the tenant's room.
+    await new Promise((r) => setTimeout(r, 200));
+    expect(h.driver.createIdleCalls).toHaveLength(2);
     expect(h.driver.workloads.size).toBe(2);
   });
 
