@@ -15,6 +15,7 @@ import { LibcryptHasher, type PasswordHasher } from '../../util/password-hasher.
 import {
   DriverError,
   type ComputeDriver,
+  type IdleSpec,
   type WorkloadHandle,
   type ReadyResult,
   type WorkloadInspection,
@@ -22,7 +23,7 @@ import {
 } from '../types.js';
 import { resolveAccel } from './accel.js';
 import { attachSeedAndStart, buildQemuArgv, readConsoleRing, SUN_PATH_MAX, vmFile } from './argv.js';
-import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
+import { buildCloudConfig, buildIdleCloudConfig, finalMessageFor } from './cloud-config.js';
 import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { SlotAllocator } from './slots.js';
@@ -34,6 +35,7 @@ import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './p
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
 import { consoleTail, probeHost, probeSshBanner } from './readiness.js';
+import { KvmWarmPool, type WarmPoolHost, type WarmState } from './warm-pool.js';
 
 /** What vm.json holds: enough to find and stop the workload later. No secrets. */
 export interface VmMeta {
@@ -46,6 +48,16 @@ export interface VmMeta {
   createdAt: string;
   /** Appears in cloud-init's final message on the serial console. Not a secret. */
   readyToken: string;
+  /** Warm-pool VMs only (warm-pool.ts): `idle` until a hand-off starts, then `handed-off`. */
+  warm?: WarmState;
+}
+
+/** An idle warm-pool VM as the create path sees it: no tenant yet, its id for a hostname. */
+type IdleLaunch = IdleSpec & { hostname: string; idle: true };
+type LaunchSpec = WorkloadSpec | IdleLaunch;
+
+function isIdle(spec: LaunchSpec): spec is IdleLaunch {
+  return 'idle' in spec;
 }
 
 const MAX_ID_LENGTH = 40;
@@ -72,6 +84,8 @@ export class KvmDriver implements ComputeDriver {
   private readonly consoleReads = new Map<string, Promise<string>>();
   /** Serialises create/destroy per id so a destroy never races a half-done create. */
   private readonly locks = new Map<string, Promise<unknown>>();
+  /** Booting idle VMs ahead of demand and handing them to tenants (warm-pool.ts). */
+  readonly warm: KvmWarmPool<VmMeta>;
 
   constructor(
     private readonly config: KvmDriverConfig,
@@ -82,7 +96,7 @@ export class KvmDriver implements ComputeDriver {
     if (!path.isAbsolute(config.baseImage)) throw new RangeError('baseImage must be an absolute path');
     // qemu's QMP socket and passt's socket live in the workload folder; a unix socket path has at most SUN_PATH_MAX bytes.
     const longestDir = path.join(config.vmRoot, 'x'.repeat(MAX_ID_LENGTH));
-    const longestSocket = [vmFile(longestDir, 'qmpSocket'), vmFile(longestDir, 'passtSocket')].sort((a, b) => b.length - a.length)[0]!;
+    const longestSocket = [vmFile(longestDir, 'qmpSocket'), vmFile(longestDir, 'passtSocket'), vmFile(longestDir, 'qgaSocket')].sort((a, b) => b.length - a.length)[0]!;
     if (Buffer.byteLength(longestSocket) > SUN_PATH_MAX) {
       const room = SUN_PATH_MAX - (Buffer.byteLength(longestSocket) - Buffer.byteLength(config.vmRoot));
       throw new RangeError(`vmRoot is too long: its workloads' socket paths would exceed ${SUN_PATH_MAX} bytes (keep drivers.kvm.vmRoot at most ${room} bytes)`);
@@ -90,6 +104,7 @@ export class KvmDriver implements ComputeDriver {
     this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
     this.slots = config.network === 'tap' ? new SlotAllocator(tapNetworkOf(config)) : undefined;
     this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);
+    this.warm = new KvmWarmPool(this.warmPoolHost());
   }
 
   vmName(id: string): string {
@@ -126,7 +141,30 @@ export class KvmDriver implements ComputeDriver {
     return this.withLock(spec.id, () => this.createLocked(spec));
   }
 
-  private async createLocked(spec: WorkloadSpec): Promise<WorkloadHandle> {
+  /** What the warm pool may use of this driver. */
+  private warmPoolHost(): WarmPoolHost<VmMeta> {
+    return {
+      createIdle: (spec) => {
+        try {
+          assertId(spec.id);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        return this.withLock(spec.id, () => this.createLocked({ ...spec, hostname: spec.id, idle: true }));
+      },
+      waitReady: (id, opts) => this.waitReady(id, opts),
+      exclusive: (id, fn) => this.withLock(id, fn),
+      workloadDir: (id) => this.workloadDir(id),
+      readMeta: (id) => this.readMeta(id),
+      isRunning: async (id) => (await this.inspect(id)).state === 'running',
+      readConsole: (id) => this.readConsole(id),
+      sshTarget: (meta) => this.sshTarget(meta),
+      hasher: this.hasher,
+      logger: this.logger,
+    };
+  }
+
+  private async createLocked(spec: LaunchSpec): Promise<WorkloadHandle> {
     const { config, logger } = this;
     const id = spec.id;
     const name = this.vmName(id);
@@ -206,16 +244,14 @@ export class KvmDriver implements ComputeDriver {
   /** Hash the password, write the NoCloud seed ISO. The plaintext lives only in `spec`; from here on only its hash exists. */
   private async writeSeed(
     dir: string,
-    spec: WorkloadSpec,
+    spec: LaunchSpec,
     ids: { readyToken: string; instanceId: string; slot?: TapSlot },
     log: Logger,
   ): Promise<void> {
     const { slot } = ids;
     const seedStart = Date.now();
-    const files = buildCloudConfig({
+    const common = {
       hostname: spec.hostname,
-      passwordHash: await this.hasher.hash(spec.rootPassword),
-      sshKeys: spec.sshKeys,
       finalMessageToken: ids.readyToken,
       instanceId: ids.instanceId,
       network: slot && {
@@ -224,7 +260,11 @@ export class KvmDriver implements ComputeDriver {
         gateway: slot.hostAddress,
         dns: this.config.tap!.dnsResolver,
       },
-    });
+    };
+    // An idle VM gets no password and no keys: root stays locked until its hand-off.
+    const files = isIdle(spec)
+      ? buildIdleCloudConfig(common)
+      : buildCloudConfig({ ...common, passwordHash: await this.hasher.hash(spec.rootPassword), sshKeys: spec.sshKeys });
     try {
       await writeSeedIso({ dir, isoTool: this.config.isoTool, files, output: vmFile(dir, 'seed') });
     } catch (err) {
@@ -240,7 +280,7 @@ export class KvmDriver implements ComputeDriver {
    * caller's cleanup.
    */
   private async launch(
-    vm: { dir: string; name: string; uuid: string; readyToken: string; spec: WorkloadSpec; log: Logger; slot?: TapSlot },
+    vm: { dir: string; name: string; uuid: string; readyToken: string; spec: LaunchSpec; log: Logger; slot?: TapSlot },
     taken: { port?: number; pid?: number },
   ): Promise<void> {
     const { config } = this;
@@ -255,7 +295,7 @@ export class KvmDriver implements ComputeDriver {
       if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
       taken.port = port;
       tried.add(port);
-      const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
+      const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken, ...(isIdle(spec) ? { warm: 'idle' as const } : {}) };
       await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
 
       if (this.network === 'passt' && (await this.startPasst(dir, port, log)) === 'port-taken') {
@@ -284,6 +324,7 @@ export class KvmDriver implements ComputeDriver {
         append: config.append,
         network: this.network,
         tap: slot && { device: slot.tap, mac: slot.mac },
+        guestAgent: isIdle(spec),
       });
       const t = Date.now();
       const launcher = execa(config.qemuBinary, argv, {
@@ -490,6 +531,7 @@ export class KvmDriver implements ComputeDriver {
     }
     await rm(dir, { recursive: true, force: true });
     this.consoles.delete(id);
+    this.warm.forget(id);
     if (meta?.slot !== undefined) this.slots?.release(meta.slot);
     else if (meta) this.ports.release(meta.sshPort);
     if (existed) log.info({ phase: 'destroy', ms: Date.now() - t0 }, 'workload destroyed');
@@ -569,10 +611,7 @@ export class KvmDriver implements ComputeDriver {
     });
     try {
       if (!meta) return await failed('died');
-      // A tap guest is probed on its own address: the host routes to it directly.
-      const tapSlot = meta.slot !== undefined && this.slots ? this.slots.slot(meta.slot) : undefined;
-      const host = tapSlot ? tapSlot.guestAddress : probeHost(this.config.bindAddress);
-      const sshPort = tapSlot ? 22 : meta.sshPort;
+      const { host, port: sshPort } = this.sshTarget(meta);
       const name = this.vmName(id);
       for (;;) {
         const pid = await readPidfile(vmFile(dir, 'pidfile'));
@@ -595,6 +634,12 @@ export class KvmDriver implements ComputeDriver {
       // Nobody reads this console any more: qemu's ring bounds it from here on.
       this.consoles.delete(id);
     }
+  }
+
+  /** Where the host reaches the guest's sshd. A tap guest is probed on its own address: the host routes to it directly. */
+  private sshTarget(meta: VmMeta): { host: string; port: number } {
+    const tapSlot = meta.slot !== undefined && this.slots ? this.slots.slot(meta.slot) : undefined;
+    return tapSlot ? { host: tapSlot.guestAddress, port: 22 } : { host: probeHost(this.config.bindAddress), port: meta.sshPort };
   }
 
   /**

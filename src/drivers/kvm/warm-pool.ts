@@ -1,0 +1,166 @@
+/**
+ * The KVM driver's warm-pool side (`KvmDriver.warm`): idle VMs booted ahead of
+ * demand with a guest-agent channel, waited on until that agent answers, and
+ * handed to a tenant once (handoff.ts), after which the channel is gone.
+ *
+ * vm.json's `warm` field is the record: `idle` from creation, `handed-off`
+ * from the moment a hand-off starts (before the first byte goes to the
+ * guest), so a VM is never handed to a second tenant, not even across an
+ * agent restart.
+ */
+import { rename, writeFile } from 'node:fs/promises';
+import type { Logger } from '../../util/logger.js';
+import type { PasswordHasher } from '../../util/password-hasher.js';
+import { DriverError, type IdleSpec, type ReadyResult, type TenantSpec, type WarmPoolSupport, type WorkloadHandle } from '../types.js';
+import { vmFile } from './argv.js';
+import { ping, isEmptyReturn } from './guest-agent-protocol.js';
+import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
+import { closeGuestAgentChannel, configureTenant, type HandOffTimings } from './handoff.js';
+import { consoleTail, probeSshBanner } from './readiness.js';
+
+/** vm.json's `warm` field: absent on cold VMs. */
+export type WarmState = 'idle' | 'handed-off';
+
+/** The part of vm.json this module reads and rewrites. */
+export interface WarmMeta {
+  warm?: WarmState;
+}
+
+/** What the pool needs from the driver; the driver passes closures over its own internals. */
+export interface WarmPoolHost<M extends WarmMeta> {
+  /** The driver's create path for an idle VM (its lock held, its cleanup on failure). */
+  createIdle(spec: IdleSpec): Promise<WorkloadHandle>;
+  waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
+  /** Run `fn` while no create/destroy of the same id runs. */
+  exclusive<T>(id: string, fn: () => Promise<T>): Promise<T>;
+  workloadDir(id: string): string;
+  readMeta(id: string): Promise<M | undefined>;
+  isRunning(id: string): Promise<boolean>;
+  readConsole(id: string): Promise<string>;
+  /** Where the host reaches the guest's sshd (the forwarded port, or a tap guest's own address). */
+  sshTarget(meta: M): { host: string; port: number };
+  hasher: PasswordHasher;
+  logger: Logger;
+}
+
+/** Between attempts to reach a guest agent that is not up yet. */
+const IDLE_POLL_MS = 500;
+/** One sync attempt while waiting for an idle VM; qemu-ga answers in milliseconds once it runs. */
+const IDLE_SYNC_TIMEOUT_MS = 5_000;
+/** Removing the channel over QMP is qemu's work, not the guest's: quick, but bounded. */
+const CHANNEL_CLOSE_TIMEOUT_MS = 3_000;
+
+export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
+  /** Sync ids sent per VM, so that a late answer to one of our own timed-out syncs is not taken for a lie. */
+  private readonly syncIds = new Map<string, Set<number>>();
+
+  constructor(private readonly host: WarmPoolHost<M>) {}
+
+  createIdle(spec: IdleSpec): Promise<WorkloadHandle> {
+    return this.host.createIdle(spec);
+  }
+
+  async waitIdle(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult> {
+    const { host } = this;
+    const t0 = Date.now();
+    const meta = await host.readMeta(id);
+    if (meta?.warm !== 'idle') throw new DriverError('internal', `${id} is not an idle pool VM`);
+    const booted = await host.waitReady(id, opts);
+    if (!booted.ready) return booted;
+    const failed = async (reason: 'died' | 'timeout'): Promise<ReadyResult> => ({
+      ready: false,
+      reason,
+      ms: Date.now() - t0,
+      consoleTail: consoleTail(await host.readConsole(id)),
+    });
+    const socket = vmFile(host.workloadDir(id), 'qgaSocket');
+    for (;;) {
+      if (!(await host.isRunning(id))) return failed('died');
+      const left = opts.timeoutMs - (Date.now() - t0);
+      if (left <= 0 || opts.signal?.aborted) return failed('timeout');
+      let session: GuestAgentSession | undefined;
+      try {
+        session = await GuestAgentSession.open(socket, { connectTimeoutMs: Math.min(left, IDLE_SYNC_TIMEOUT_MS), signal: opts.signal });
+        await session.sync(Math.min(left, IDLE_SYNC_TIMEOUT_MS), this.idsOf(id));
+        if (isEmptyReturn(await session.call(ping(), Math.min(left, IDLE_SYNC_TIMEOUT_MS)))) return { ready: true, ms: Date.now() - t0 };
+      } catch (err) {
+        host.logger.debug({ workloadId: id, reason: err instanceof GuestAgentError ? err.reason : 'error' }, 'guest agent not answering yet');
+      } finally {
+        session?.close();
+      }
+      await new Promise((r) => setTimeout(r, IDLE_POLL_MS));
+    }
+  }
+
+  handOff(id: string, tenant: TenantSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void> {
+    let dir: string;
+    try {
+      dir = this.host.workloadDir(id);
+    } catch {
+      return Promise.reject(new DriverError('handoff_failed', 'invalid workload id'));
+    }
+    return this.host.exclusive(id, () => this.handOffLocked(id, dir, tenant, opts));
+  }
+
+  /** Drop what is kept about a VM (the driver calls this when it destroys one). */
+  forget(id: string): void {
+    this.syncIds.delete(id);
+  }
+
+  private async handOffLocked(id: string, dir: string, tenant: TenantSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void> {
+    const { host } = this;
+    const log = host.logger.child({ workloadId: id });
+    const t0 = performance.now();
+    const deadline = Date.now() + opts.timeoutMs;
+    const meta = await host.readMeta(id);
+    if (meta?.warm !== 'idle') {
+      throw new DriverError('handoff_failed', meta?.warm === 'handed-off' ? 'this VM was handed off before' : 'not an idle pool VM');
+    }
+    if (opts.signal?.aborted) throw new DriverError('handoff_failed', 'aborted');
+    if (!(await host.isRunning(id))) throw new DriverError('handoff_failed', 'the VM is not running');
+    // Recorded before the guest hears anything: whatever happens next, this VM is never offered again.
+    await writeMetaAtomically(vmFile(dir, 'meta'), { ...meta, warm: 'handed-off' });
+
+    const timings: HandOffTimings = {};
+    const hashing = host.hasher.hash(tenant.rootPassword);
+    hashing.catch(() => undefined);
+    // sshd answered before (waitIdle): one probe, side by side with the guest-agent work.
+    const target = host.sshTarget(meta);
+    const banner = probeSshBanner(target.host, target.port, Math.max(1, deadline - Date.now()));
+    let session: GuestAgentSession | undefined;
+    try {
+      session = await GuestAgentSession.open(vmFile(dir, 'qgaSocket'), { connectTimeoutMs: Math.max(1, deadline - Date.now()), signal: opts.signal });
+      const passwordHash = await hashing;
+      await configureTenant(session, { hostname: tenant.hostname, passwordHash, sshKeys: tenant.sshKeys }, { deadline, earlierSyncIds: this.idsOf(id) }, timings);
+      session.close();
+      const t = performance.now();
+      if (!(await banner)) throw new DriverError('handoff_failed', 'sshd does not answer with a banner');
+      timings.banner = Math.round(performance.now() - t);
+    } catch (err) {
+      const message = err instanceof GuestAgentError || err instanceof DriverError ? err.message : 'hand-off failed';
+      log.warn({ reason: err instanceof GuestAgentError ? err.reason : undefined, ms: Math.round(performance.now() - t0) }, `hand-off failed: ${message}`);
+      throw err instanceof DriverError ? err : new DriverError('handoff_failed', message);
+    } finally {
+      session?.close();
+      this.syncIds.delete(id);
+      const t = performance.now();
+      const removed = await closeGuestAgentChannel(vmFile(dir, 'qgaSocket'), vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS);
+      timings.close = Math.round(performance.now() - t);
+      // The socket file is gone either way: nobody can reach the agent. qemu keeping the port is worth a warning, not a failure.
+      if (!removed) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
+    }
+    log.info({ phase: 'handoff', ms: Math.round(performance.now() - t0), steps: timings }, 'VM handed off');
+  }
+
+  private idsOf(id: string): Set<number> {
+    let ids = this.syncIds.get(id);
+    if (!ids) this.syncIds.set(id, (ids = new Set()));
+    return ids;
+  }
+}
+
+async function writeMetaAtomically(file: string, meta: object): Promise<void> {
+  const tmp = `${file}.tmp`;
+  await writeFile(tmp, `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+  await rename(tmp, file);
+}
