@@ -231,7 +231,8 @@ export class WarmPool {
         try {
           await this.handOff(vm.id, { hostname: vm.id, rootPassword: spec.rootPassword, sshKeys: spec.sshKeys });
           this.counts.handedOff++;
-          log.info({ workloadId: vm.id, plan: vm.planId, phase: 'handoff', ms: Date.now() - started }, 'pool VM handed off');
+          // The driver logs the `handoff` phase itself; this line says which plan and spawn it served.
+          log.info({ workloadId: vm.id, plan: vm.planId, ms: Date.now() - started }, 'pool VM handed off');
           return { handle: vm.handle, pooled: true };
         } catch (err) {
           this.counts.handOffFailed++;
