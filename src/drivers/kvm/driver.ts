@@ -30,6 +30,7 @@ import type { TapSlot } from '../../hostnet/plan.js';
 import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { freeBytesUnder } from '../../util/free-space.js';
+import { Reverter } from '../../util/revert.js';
 import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
@@ -53,6 +54,17 @@ const ID_RE = new RegExp(`^[a-z0-9-]{1,${MAX_ID_LENGTH}}$`);
 const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
 const PORT_TRIES = 5;
 const DEFAULT_CONSOLE_LOG_BYTES = 256 * 1024;
+
+/** What one create knows of the VM it is launching. */
+interface LaunchingVm {
+  dir: string;
+  name: string;
+  uuid: string;
+  readyToken: string;
+  spec: WorkloadSpec;
+  log: Logger;
+  slot?: TapSlot;
+}
 
 function tail(text: string | undefined, max = 2000): string {
   const t = (text ?? '').trim();
@@ -133,48 +145,32 @@ export class KvmDriver implements ComputeDriver {
     const dir = this.workloadDir(id);
     const log = logger.child({ workloadId: id });
     const t0 = Date.now();
-    let dirCreated = false;
-    let port: number | undefined;
-    let pid: number | undefined;
-    let slot: TapSlot | undefined;
+    const revert = new Reverter((err) => log.error({ err }, 'a cleanup step after a failed create failed'));
 
     try {
-      await mkdir(config.vmRoot, { recursive: true, mode: 0o700 });
-      try {
-        await mkdir(dir, { mode: 0o700 });
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-          throw new DriverError('internal', `workload directory already exists: ${id}`);
-        }
-        throw err;
-      }
-      dirCreated = true;
-      // mkdir's mode is filtered by the umask; make it exactly 0700.
-      await chmod(dir, 0o700);
+      await this.makeWorkloadDir(dir, id);
+      revert.add(() => rm(dir, { recursive: true, force: true }));
+      // The seed carries the slot's addresses, so the slot is taken before both branches below.
+      const slot = await this.allocateSlot();
+      if (slot) revert.add(() => this.slots!.release(slot.index));
 
       // The seed (password hash + ISO) is written while the overlay is copied
       // and qemu initialises: qemu starts paused without it, and gets it over
       // QMP once both are done. Both branches are awaited before anything
-      // else, so a failure of either leaves no step running when the cleanup
-      // below removes the directory; `launched` says what the cleanup must free.
+      // else, so a failure of either leaves no step running when the undos run.
       const uuid = randomUUID();
       const readyToken = randomBytes(12).toString('base64url');
-      const launched: { port?: number; pid?: number } = {};
-      // The seed carries the slot's addresses, so the slot is taken before both.
-      slot = await this.allocateSlot();
       const seed = this.writeSeed(dir, spec, { readyToken, instanceId: `${id}-${uuid}`, slot }, log);
       const launch = (async () => {
         const overlayStart = Date.now();
         await this.createOverlay(dir, spec.diskGb);
         log.info({ phase: 'overlay', ms: Date.now() - overlayStart }, 'disk overlay created');
-        await this.launch({ dir, name, uuid, readyToken, spec, log, slot }, launched);
+        return this.launch({ dir, name, uuid, readyToken, spec, log, slot }, revert);
       })();
       const [seedDone, launchDone] = await Promise.allSettled([seed, launch]);
-      port = launched.port;
-      pid = launched.pid;
       if (launchDone.status === 'rejected') throw launchDone.reason;
       if (seedDone.status === 'rejected') throw seedDone.reason;
-      if (pid === undefined || port === undefined) throw new DriverError('internal', 'qemu launch left no pid');
+      const { pid, port } = launchDone.value;
 
       const t = Date.now();
       try {
@@ -183,24 +179,29 @@ export class KvmDriver implements ComputeDriver {
         throw new DriverError('launch_failed', 'could not attach the seed and start the VM', errText(err));
       }
       log.info({ phase: 'start', ms: Date.now() - t, pid, sshPort: port, totalMs: Date.now() - t0 }, 'workload started');
+      revert.success();
       return { id, pid, sshPort: port, dir };
     } catch (err) {
-      // Release everything taken so far, in reverse order, then reject.
-      if (dirCreated) {
-        try {
-          await this.killByName(name, dir, pid);
-        } catch (killErr) {
-          log.error({ err: killErr }, 'could not stop qemu while cleaning up a failed create');
-        }
-        await rm(dir, { recursive: true, force: true }).catch((rmErr: unknown) =>
-          log.error({ err: rmErr }, 'could not remove workload directory after a failed create'));
-      }
-      if (slot !== undefined) this.slots?.release(slot.index);
-      else if (port !== undefined) this.ports.release(port);
+      await revert.fail();
       const derr = err instanceof DriverError ? err : new DriverError('internal', errText(err));
       log.warn({ code: derr.code, detail: derr.detail, ms: Date.now() - t0 }, `create failed: ${derr.message}`);
       throw derr;
     }
+  }
+
+  /** The workload's own 0700 folder; refuses one that exists (another workload's, or a leftover). */
+  private async makeWorkloadDir(dir: string, id: string): Promise<void> {
+    await mkdir(this.config.vmRoot, { recursive: true, mode: 0o700 });
+    try {
+      await mkdir(dir, { mode: 0o700 });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new DriverError('internal', `workload directory already exists: ${id}`);
+      }
+      throw err;
+    }
+    // mkdir's mode is filtered by the umask; make it exactly 0700.
+    await chmod(dir, 0o700);
   }
 
   /** Hash the password, write the NoCloud seed ISO. The plaintext lives only in `spec`; from here on only its hash exists. */
@@ -234,95 +235,41 @@ export class KvmDriver implements ComputeDriver {
   }
 
   /**
-   * Take a port and start qemu paused on it (retrying the next port when the
+   * Take a port and start qemu paused on it (trying the next port when the
    * forward cannot bind), wait for its pidfile and check the pid is this VM.
-   * Records the port and pid in `taken` as soon as they are held, for the
-   * caller's cleanup.
+   * Everything taken is registered in `revert` as it is taken.
    */
-  private async launch(
-    vm: { dir: string; name: string; uuid: string; readyToken: string; spec: WorkloadSpec; log: Logger; slot?: TapSlot },
-    taken: { port?: number; pid?: number },
-  ): Promise<void> {
+  private async launch(vm: LaunchingVm, revert: Reverter): Promise<{ pid: number; port: number }> {
     const { config } = this;
-    const { dir, name, uuid, readyToken, spec, log, slot } = vm;
+    const { dir, name, log, slot } = vm;
     const accel = await this.resolvedAccel();
     const tried = new Set<number>();
-    /** The pid the early pass already lowered, if any. */
     let loweredEarly: number | undefined;
+    let port: number;
     for (let attempt = 1; ; attempt++) {
       // A slot's port is forwarded by nftables, not bound by qemu: nothing to try.
-      const port = slot ? slot.port : await this.ports.allocate(tried);
-      if (port === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
-      taken.port = port;
+      const next = slot ? slot.port : await this.ports.allocate(tried);
+      if (next === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
+      port = next;
       tried.add(port);
-      const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
-      await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
-
-      if (this.network === 'passt' && (await this.startPasst(dir, port, log)) === 'port-taken') {
-        if (attempt >= PORT_TRIES) throw new DriverError('launch_failed', `passt could not bind SSH port ${port}`);
-        log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
-        this.ports.release(port);
-        taken.port = undefined;
-        continue;
+      // What one attempt takes is given back before the next attempt, or with the rest on a failure.
+      const taken = new Reverter((err) => log.error({ err }, 'a cleanup step after a failed launch attempt failed'));
+      revert.add(() => taken.fail());
+      if (!slot) taken.add(() => this.ports.release(port));
+      const outcome = await this.startOnPort(vm, port, accel, taken);
+      if ('started' in outcome) {
+        loweredEarly = outcome.loweredEarly;
+        break;
       }
-
-      // Empty until the driver drains the console ring into it; 0600 like everything here.
-      await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
-      await chmod(vmFile(dir, 'serialLog'), 0o600);
-
-      const argv = buildQemuArgv({
-        accel,
-        name,
-        uuid,
-        dir,
-        vcpus: spec.vcpus,
-        memoryMb: spec.memoryMb,
-        bindAddress: config.bindAddress,
-        sshPort: port,
-        kernel: config.kernel,
-        initrd: config.initrd,
-        append: config.append,
-        network: this.network,
-        tap: slot && { device: slot.tap, mac: slot.mac },
-      });
-      const t = Date.now();
-      const launcher = execa(config.qemuBinary, argv, {
-        stdin: 'ignore',
-        stdout: 'ignore',
-        stderr: 'pipe',
-        reject: false,
-        // The daemonizing parent returns once the VM is set up; bound it anyway.
-        timeout: config.pidfileTimeoutMs,
-      });
-      const early = this.lowerPriorityWhileLaunching(dir, name, launcher, log);
-      const res = await launcher;
-      loweredEarly = await early;
-      log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
-      if (res.exitCode === 0) break;
-
-      const stderr = tail(res.stderr as string | undefined);
-      if (!slot && stderr.includes(HOSTFWD_TAKEN) && attempt < PORT_TRIES) {
-        // The parent failed, but a child may exist: stop it before the next try.
-        // (On the throws below, createLocked's cleanup stops it.)
-        await this.killByName(name, dir);
-        log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
-        this.ports.release(port);
-        taken.port = undefined;
-        continue;
-      }
-      if (res.timedOut) throw new DriverError('timeout', 'qemu did not daemonize in time', stderr);
-      if (res.failed && res.exitCode === undefined) {
-        throw new DriverError('launch_failed', `qemu could not be started: ${res.shortMessage ?? 'unknown error'}`, stderr);
-      }
-      throw new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
+      if (slot || attempt >= PORT_TRIES) throw outcome.portTaken;
+      log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
+      await taken.fail();
     }
 
     const t = Date.now();
     const pid = await waitForPidfile(vmFile(dir, 'pidfile'), config.pidfileTimeoutMs);
     if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
-    taken.pid = pid;
     if (!(await isVmProcess(pid, name))) {
-      taken.pid = undefined;
       throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
     }
     if (this.guestNice > 0 && loweredEarly !== pid) {
@@ -337,7 +284,77 @@ export class KvmDriver implements ComputeDriver {
         log.warn({ pid, oomScoreAdj: config.guestOomScoreAdj, err: err.message }, 'could not set the guest OOM score'),
       );
     }
-    log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: taken.port }, 'qemu running, paused');
+    log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: port }, 'qemu running, paused');
+    return { pid, port };
+  }
+
+  /**
+   * One launch attempt on `port`: vm.json, passt (in that mode), then qemu's
+   * daemonizing launcher. `portTaken` when passt or qemu's forward could not
+   * bind the port, with the error to report if no other port is tried.
+   */
+  private async startOnPort(
+    vm: LaunchingVm,
+    port: number,
+    accel: 'kvm' | 'tcg',
+    taken: Reverter,
+  ): Promise<{ started: true; loweredEarly?: number } | { portTaken: DriverError }> {
+    const { config } = this;
+    const { dir, name, uuid, readyToken, spec, log, slot } = vm;
+    const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
+    await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+
+    if (this.network === 'passt') {
+      if ((await this.startPasst(dir, port, log)) === 'port-taken') {
+        return { portTaken: new DriverError('launch_failed', `passt could not bind SSH port ${port}`) };
+      }
+      taken.add(() => stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), config.stopTimeoutMs));
+    }
+
+    // Empty until the driver drains the console ring into it; 0600 like everything here.
+    await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
+    await chmod(vmFile(dir, 'serialLog'), 0o600);
+
+    const argv = buildQemuArgv({
+      accel,
+      name,
+      uuid,
+      dir,
+      vcpus: spec.vcpus,
+      memoryMb: spec.memoryMb,
+      bindAddress: config.bindAddress,
+      sshPort: port,
+      kernel: config.kernel,
+      initrd: config.initrd,
+      append: config.append,
+      network: this.network,
+      tap: slot && { device: slot.tap, mac: slot.mac },
+    });
+    // Even a launcher that fails may leave a daemonized child behind.
+    taken.add(() => this.killByName(name, dir));
+    const t = Date.now();
+    const launcher = execa(config.qemuBinary, argv, {
+      stdin: 'ignore',
+      stdout: 'ignore',
+      stderr: 'pipe',
+      reject: false,
+      // The daemonizing parent returns once the VM is set up; bound it anyway.
+      timeout: config.pidfileTimeoutMs,
+    });
+    const early = this.lowerPriorityWhileLaunching(dir, name, launcher, log);
+    const res = await launcher;
+    const loweredEarly = await early;
+    log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
+    if (res.exitCode === 0) return { started: true, loweredEarly };
+
+    const stderr = tail(res.stderr as string | undefined);
+    const failure = res.timedOut
+      ? new DriverError('timeout', 'qemu did not daemonize in time', stderr)
+      : res.failed && res.exitCode === undefined
+        ? new DriverError('launch_failed', `qemu could not be started: ${res.shortMessage ?? 'unknown error'}`, stderr)
+        : new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
+    if (stderr.includes(HOSTFWD_TAKEN)) return { portTaken: failure };
+    throw failure;
   }
 
   private async createOverlay(dir: string, diskGb: number): Promise<void> {
