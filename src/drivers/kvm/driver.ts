@@ -21,7 +21,8 @@ import {
   type WorkloadSpec,
 } from '../types.js';
 import { resolveAccel } from './accel.js';
-import { attachSeedAndStart, buildQemuArgv, readConsoleRing, SUN_PATH_MAX, vmFile } from './argv.js';
+import { attachSeedAndStart, buildQemuArgv, readConsoleRing } from './argv.js';
+import { assertSocketPathsFit, isWorkloadId, vmFile, workloadDir } from './workload-files.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
@@ -49,8 +50,6 @@ export interface VmMeta {
   readyToken: string;
 }
 
-const MAX_ID_LENGTH = 40;
-const ID_RE = new RegExp(`^[a-z0-9-]{1,${MAX_ID_LENGTH}}$`);
 const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
 const PORT_TRIES = 5;
 const DEFAULT_CONSOLE_LOG_BYTES = 256 * 1024;
@@ -92,13 +91,8 @@ export class KvmDriver implements ComputeDriver {
   ) {
     if (!path.isAbsolute(config.vmRoot)) throw new RangeError('vmRoot must be an absolute path');
     if (!path.isAbsolute(config.baseImage)) throw new RangeError('baseImage must be an absolute path');
-    // qemu's QMP socket and passt's socket live in the workload folder; a unix socket path has at most SUN_PATH_MAX bytes.
-    const longestDir = path.join(config.vmRoot, 'x'.repeat(MAX_ID_LENGTH));
-    const longestSocket = [vmFile(longestDir, 'qmpSocket'), vmFile(longestDir, 'passtSocket')].sort((a, b) => b.length - a.length)[0]!;
-    if (Buffer.byteLength(longestSocket) > SUN_PATH_MAX) {
-      const room = SUN_PATH_MAX - (Buffer.byteLength(longestSocket) - Buffer.byteLength(config.vmRoot));
-      throw new RangeError(`vmRoot is too long: its workloads' socket paths would exceed ${SUN_PATH_MAX} bytes (keep drivers.kvm.vmRoot at most ${room} bytes)`);
-    }
+    // The workloads' sockets live in their folders, under vmRoot.
+    assertSocketPathsFit(config.vmRoot);
     this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
     this.slots = config.network === 'tap' ? new SlotAllocator(tapNetworkOf(config)) : undefined;
     this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);
@@ -110,7 +104,7 @@ export class KvmDriver implements ComputeDriver {
 
   workloadDir(id: string): string {
     assertId(id);
-    return path.join(this.config.vmRoot, id);
+    return workloadDir(this.config.vmRoot, id);
   }
 
   private resolvedAccel(): Promise<'kvm' | 'tcg'> {
@@ -533,7 +527,7 @@ export class KvmDriver implements ComputeDriver {
     const freeBytes = freeBytesUnder(this.config.vmRoot);
     let allocatedBytes = 0;
     for (const id of ids) {
-      if (!ID_RE.test(id)) continue;
+      if (!isWorkloadId(id)) continue;
       try {
         allocatedBytes += statSync(vmFile(this.workloadDir(id), 'disk')).blocks * 512;
       } catch {
@@ -553,8 +547,8 @@ export class KvmDriver implements ComputeDriver {
     }
     const ids: string[] = [];
     for (const e of entries) {
-      if (!ID_RE.test(e)) continue;
-      const s = await stat(path.join(this.config.vmRoot, e)).catch(() => undefined);
+      if (!isWorkloadId(e)) continue;
+      const s = await stat(workloadDir(this.config.vmRoot, e)).catch(() => undefined);
       if (s?.isDirectory()) ids.push(e);
     }
     return ids.sort();
@@ -690,7 +684,7 @@ async function readTail(file: string, max: number): Promise<Buffer> {
 
 function assertId(id: string): void {
   // The id becomes a path component and part of qemu's -name: keep it boring.
-  if (!ID_RE.test(id)) throw new DriverError('internal', 'invalid workload id');
+  if (!isWorkloadId(id)) throw new DriverError('internal', 'invalid workload id');
 }
 
 function errText(err: unknown): string {

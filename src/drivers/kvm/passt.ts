@@ -13,7 +13,7 @@
  * process.ts (pidfile, /proc identity check before any signal).
  */
 import path from 'node:path';
-import { SUN_PATH_MAX } from './argv.js';
+import { SUN_PATH_MAX } from './workload-files.js';
 import { findPids, processArgv, readPidfile, stopIdentified } from './process.js';
 
 /** What passt prints (and exits 1 with) when the forwarded port is taken. */
