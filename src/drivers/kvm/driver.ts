@@ -22,6 +22,7 @@ import {
 } from '../types.js';
 import { resolveAccel } from './accel.js';
 import { attachSeedAndStart, buildQemuArgv, readConsoleRing } from './argv.js';
+import { readVmMeta, writeVmMeta, type VmMeta } from './vm-meta.js';
 import { assertSocketPathsFit, isWorkloadId, vmFile, workloadDir } from './workload-files.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import { tapNetworkOf, type KvmDriverConfig } from './config.js';
@@ -36,19 +37,6 @@ import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './p
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
 import { consoleTail, probeHost, probeSshBanner } from './readiness.js';
-
-/** What vm.json holds: enough to find and stop the workload later. No secrets. */
-export interface VmMeta {
-  id: string;
-  name: string;
-  uuid: string;
-  sshPort: number;
-  /** Tap network slot (src/hostnet/plan.ts), in `tap` mode. */
-  slot?: number;
-  createdAt: string;
-  /** Appears in cloud-init's final message on the serial console. Not a secret. */
-  readyToken: string;
-}
 
 const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
 const PORT_TRIES = 5;
@@ -296,7 +284,7 @@ export class KvmDriver implements ComputeDriver {
     const { config } = this;
     const { dir, name, uuid, readyToken, spec, log, slot } = vm;
     const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
-    await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+    await writeVmMeta(dir, meta);
 
     if (this.network === 'passt') {
       if ((await this.startPasst(dir, port, log)) === 'port-taken') {
@@ -556,12 +544,7 @@ export class KvmDriver implements ComputeDriver {
 
   /** vm.json of a workload, or undefined when missing or unreadable. */
   async readMeta(id: string): Promise<VmMeta | undefined> {
-    try {
-      const m = JSON.parse(await readFile(vmFile(this.workloadDir(id), 'meta'), 'utf8')) as VmMeta;
-      return typeof m.sshPort === 'number' && typeof m.name === 'string' ? m : undefined;
-    } catch {
-      return undefined;
-    }
+    return readVmMeta(this.workloadDir(id));
   }
 
   async waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult> {

@@ -1,4 +1,5 @@
-export { KvmDriver, type VmMeta } from './driver.js';
+export { KvmDriver } from './driver.js';
+export type { VmMeta } from './vm-meta.js';
 export type { KvmDriverConfig } from './config.js';
 export { buildQemuArgv, QEMU_SANDBOX, type QemuArgs } from './argv.js';
 export { VM_FILES, vmFile, workloadDir, isWorkloadId, SUN_PATH_MAX, type VmFileKey } from './workload-files.js';
