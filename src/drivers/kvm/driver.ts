@@ -29,11 +29,11 @@ import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { SlotAllocator } from './slots.js';
 import type { TapSlot } from '../../hostnet/plan.js';
-import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
+import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, outputTail, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { freeBytesUnder } from '../../util/free-space.js';
 import { Reverter } from '../../util/revert.js';
-import { buildPasstArgv, isPasstProcess, PASST_PORT_TAKEN, stopPasst } from './passt.js';
+import { launchPasst, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
 import { consoleTail, probeHost, probeSshBanner } from './readiness.js';
@@ -53,10 +53,6 @@ interface LaunchingVm {
   slot?: TapSlot;
 }
 
-function tail(text: string | undefined, max = 2000): string {
-  const t = (text ?? '').trim();
-  return t.length > max ? t.slice(-max) : t;
-}
 
 export class KvmDriver implements ComputeDriver {
   readonly kind = 'kvm';
@@ -211,7 +207,7 @@ export class KvmDriver implements ComputeDriver {
     try {
       await writeSeedIso({ dir, isoTool: this.config.isoTool, files, output: vmFile(dir, 'seed') });
     } catch (err) {
-      throw new DriverError('internal', 'seed ISO creation failed', tail(errText(err)));
+      throw new DriverError('internal', 'seed ISO creation failed', outputTail(errText(err)));
     }
     log.info({ phase: 'seed', ms: Date.now() - seedStart }, 'seed ISO written');
   }
@@ -287,7 +283,16 @@ export class KvmDriver implements ComputeDriver {
     await writeVmMeta(dir, meta);
 
     if (this.network === 'passt') {
-      if ((await this.startPasst(dir, port, log)) === 'port-taken') {
+      const passt = await launchPasst({
+        dir,
+        binary: config.passtBinary ?? 'passt',
+        bindAddress: config.bindAddress,
+        sshPort: port,
+        startTimeoutMs: config.pidfileTimeoutMs,
+        stopTimeoutMs: config.stopTimeoutMs,
+        log,
+      });
+      if (passt === 'port-taken') {
         return { portTaken: new DriverError('launch_failed', `passt could not bind SSH port ${port}`) };
       }
       taken.add(() => stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), config.stopTimeoutMs));
@@ -329,7 +334,7 @@ export class KvmDriver implements ComputeDriver {
     log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
     if (res.exitCode === 0) return { started: true, loweredEarly };
 
-    const stderr = tail(res.stderr as string | undefined);
+    const stderr = outputTail(res.stderr as string | undefined);
     const failure = res.timedOut
       ? new DriverError('timeout', 'qemu did not daemonize in time', stderr)
       : res.failed && res.exitCode === undefined
@@ -344,7 +349,7 @@ export class KvmDriver implements ComputeDriver {
     try {
       await this.overlays.create(vmFile(dir, 'disk'), diskGb);
     } catch (err) {
-      throw new DriverError('internal', 'disk overlay creation failed', tail(err instanceof OverlayError ? err.detail : errText(err)));
+      throw new DriverError('internal', 'disk overlay creation failed', outputTail(err instanceof OverlayError ? err.detail : errText(err)));
     }
   }
 
@@ -413,51 +418,6 @@ export class KvmDriver implements ComputeDriver {
     const slot = this.slots.allocate(recorded);
     if (!slot) throw new DriverError('capacity', 'no free guest network slot (drivers.kvm.tap.slots)');
     return slot;
-  }
-
-  /**
-   * Start this VM's passt (it daemonizes once its socket and the SSH port are
-   * bound) and check the pidfile names it. 'port-taken' when the SSH port is
-   * held by someone else; the caller tries the next one.
-   */
-  private async startPasst(dir: string, port: number, log: Logger): Promise<'ok' | 'port-taken'> {
-    const socket = vmFile(dir, 'passtSocket');
-    const pidfile = vmFile(dir, 'passtPidfile');
-    // Leftovers of a previous attempt (its passt is already stopped) would be mistaken for this one's.
-    await rm(socket, { force: true });
-    await rm(pidfile, { force: true });
-    const uid = process.getuid?.();
-    const gid = process.getgid?.();
-    const argv = buildPasstArgv({
-      socket,
-      pidfile,
-      logFile: vmFile(dir, 'passtLog'),
-      bindAddress: this.config.bindAddress,
-      sshPort: port,
-      runAs: uid === 0 && gid !== undefined ? { uid, gid } : undefined,
-    });
-    const t = Date.now();
-    const res = await execa(this.config.passtBinary ?? 'passt', argv, {
-      stdin: 'ignore',
-      stdout: 'ignore',
-      stderr: 'pipe',
-      reject: false,
-      timeout: this.config.pidfileTimeoutMs,
-    });
-    log.info({ phase: 'passt', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'passt launcher returned');
-    if (res.exitCode !== 0) {
-      await stopPasst(socket, pidfile, this.config.stopTimeoutMs);
-      const stderr = tail(res.stderr as string | undefined);
-      if (stderr.includes(PASST_PORT_TAKEN)) return 'port-taken';
-      if (res.timedOut) throw new DriverError('timeout', 'passt did not start in time', stderr);
-      throw new DriverError('launch_failed', `passt could not be started: ${res.shortMessage ?? `exit code ${res.exitCode}`}`, stderr);
-    }
-    const pid = await waitForPidfile(pidfile, this.config.pidfileTimeoutMs);
-    if (pid === undefined || !(await isPasstProcess(pid, socket))) {
-      await stopPasst(socket, pidfile, this.config.stopTimeoutMs);
-      throw new DriverError('launch_failed', 'passt did not stay up (no pidfile or wrong process)');
-    }
-    return 'ok';
   }
 
   /** Let go of helper processes; workloads keep running. */

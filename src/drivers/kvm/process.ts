@@ -12,6 +12,12 @@ import { qemuOptionValue } from './qemu-option.js';
 
 const POLL_MS = 50;
 
+/** The end of a launcher's output, trimmed: error details keep the last lines, where the reason is. */
+export function outputTail(text: string | undefined, max = 2000): string {
+  const t = (text ?? '').trim();
+  return t.length > max ? t.slice(-max) : t;
+}
+
 export async function readPidfile(file: string): Promise<number | undefined> {
   let text: string;
   try {
