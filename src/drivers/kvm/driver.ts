@@ -29,7 +29,7 @@ import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { SlotAllocator } from './slots.js';
 import type { TapSlot } from '../../hostnet/plan.js';
-import { argvHasVmName, listProcesses, isVmProcess, lowerProcessPriority, outputTail, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
+import { argvHasVmName, listProcesses, isVmProcess, lowerPriorityWhileLaunching, lowerProcessPriority, outputTail, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { freeBytesUnder } from '../../util/free-space.js';
 import { Reverter } from '../../util/revert.js';
@@ -328,7 +328,7 @@ export class KvmDriver implements ComputeDriver {
       // The daemonizing parent returns once the VM is set up; bound it anyway.
       timeout: config.pidfileTimeoutMs,
     });
-    const early = this.lowerPriorityWhileLaunching(dir, name, launcher, log);
+    const early = this.guestNice > 0 ? lowerPriorityWhileLaunching(vmFile(dir, 'pidfile'), name, this.guestNice, launcher, log) : undefined;
     const res = await launcher;
     const loweredEarly = await early;
     log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
@@ -369,38 +369,6 @@ export class KvmDriver implements ComputeDriver {
 
   private get guestNice(): number {
     return this.config.guestNice ?? 0;
-  }
-
-  /**
-   * Lower the new qemu's priority as soon as its pidfile names it, while the
-   * launcher still runs: the daemonized child is already in its own session
-   * (autogroup) at full weight and its vCPU starts spinning before the parent
-   * returns, which under a burst starves the agent's next spawns. Polls finely
-   * (a launch takes ~60 ms); best effort, the caller checks identity again.
-   * Returns the pid it lowered, if it got to one.
-   */
-  private async lowerPriorityWhileLaunching(dir: string, name: string, launch: Promise<unknown>, log: Logger): Promise<number | undefined> {
-    if (this.guestNice <= 0) return undefined;
-    let settled = false;
-    void launch.finally(() => {
-      settled = true;
-    });
-    const pidfile = vmFile(dir, 'pidfile');
-    while (!settled) {
-      const pid = await readPidfile(pidfile);
-      if (pid !== undefined && (await isVmProcess(pid, name))) {
-        try {
-          const lowered = await lowerProcessPriority(pid, this.guestNice);
-          log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered during launch');
-          return pid;
-        } catch (err) {
-          log.debug({ err }, 'could not lower guest priority during launch');
-          return undefined;
-        }
-      }
-      await new Promise((r) => setTimeout(r, 5));
-    }
-    return undefined;
   }
 
   private get network(): 'restricted' | 'user' | 'passt' | 'tap' {
