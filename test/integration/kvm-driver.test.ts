@@ -14,7 +14,7 @@ import { DriverError, type WorkloadSpec } from '../../src/drivers/types.js';
 import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { isFree, isListening, processRuns, qemuPidsMatching, until } from '../support/net.js';
-import { ensureCloudGuest } from '../support/cloud-guest.js';
+import { cloudInitFinished, ensureCloudGuest } from '../support/cloud-guest.js';
 import { ensureTinyGuest, tinyDriverConfig, TINY_GUEST_BANNER, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
 import { filesUnder } from '../support/files.js';
 
@@ -293,7 +293,7 @@ describe('KvmDriver seed with real cloud-init (Debian cloud guest)', () => {
     const password = `p4ss: "q" #x 'ünï' - [y]`;
     const h = await d.create(spec('cloud1', { hostname: 'cloudy-one', vcpus: 2, memoryMb: 1024, diskGb: 4, rootPassword: password, sshKeys: [pub] }));
     try {
-      await until(() => d.cloudInitFinished('cloud1'), 240_000, 'cloud-init final message on the serial console');
+      await until(() => cloudInitFinished(d, 'cloud1'), 240_000, 'cloud-init final message on the serial console');
       const ssh = ['-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR',
         '-o', 'ConnectTimeout=20', '-p', String(h.sshPort)];
       // Password on sshpass's environment, never argv.

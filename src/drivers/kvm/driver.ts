@@ -7,7 +7,7 @@
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { statSync } from 'node:fs';
-import { appendFile, chmod, mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
 import type { Logger } from '../../util/logger.js';
@@ -21,7 +21,7 @@ import {
   type WorkloadSpec,
 } from '../types.js';
 import { resolveAccel } from './accel.js';
-import { attachSeedAndStart, buildQemuArgv, readConsoleRing } from './argv.js';
+import { attachSeedAndStart, buildQemuArgv } from './argv.js';
 import { readVmMeta, writeVmMeta, type VmMeta } from './vm-meta.js';
 import { assertSocketPathsFit, isWorkloadId, vmFile, workloadDir } from './workload-files.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
@@ -36,11 +36,11 @@ import { Reverter } from '../../util/revert.js';
 import { launchPasst, stopPasst } from './passt.js';
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
-import { consoleTail, probeHost, probeSshBanner } from './readiness.js';
+import { notReady, probeHost, waitUntilReady } from './readiness.js';
+import { ConsoleLogs, DEFAULT_CONSOLE_LOG_BYTES } from './console-log.js';
 
 const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
 const PORT_TRIES = 5;
-const DEFAULT_CONSOLE_LOG_BYTES = 256 * 1024;
 
 /** What one create knows of the VM it is launching. */
 interface LaunchingVm {
@@ -61,10 +61,7 @@ export class KvmDriver implements ComputeDriver {
   private readonly slots: SlotAllocator | undefined;
   private readonly overlays: OverlayTemplates;
   private accel: Promise<'kvm' | 'tcg'> | undefined;
-  /** Console text kept per workload being watched (the file's content, or newer when the disk was full). */
-  private readonly consoles = new Map<string, { text: Buffer; dirty: boolean }>();
-  /** Console reads per id run one after another: each appends what the previous left. */
-  private readonly consoleReads = new Map<string, Promise<string>>();
+  private readonly consoles: ConsoleLogs;
   /** Serialises create/destroy per id so a destroy never races a half-done create. */
   private readonly locks = new Map<string, Promise<unknown>>();
 
@@ -80,6 +77,7 @@ export class KvmDriver implements ComputeDriver {
     this.ports = new PortAllocator(config.bindAddress, config.portRange.from, config.portRange.to);
     this.slots = config.network === 'tap' ? new SlotAllocator(tapNetworkOf(config)) : undefined;
     this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);
+    this.consoles = new ConsoleLogs(config.consoleLogBytes ?? DEFAULT_CONSOLE_LOG_BYTES, logger);
   }
 
   vmName(id: string): string {
@@ -416,7 +414,7 @@ export class KvmDriver implements ComputeDriver {
       throw new DriverError('internal', `could not stop ${name}`, errText(err));
     }
     await rm(dir, { recursive: true, force: true });
-    this.consoles.delete(id);
+    this.consoles.forget(id);
     if (meta?.slot !== undefined) this.slots?.release(meta.slot);
     else if (meta) this.ports.release(meta.sshPort);
     if (existed) log.info({ phase: 'destroy', ms: Date.now() - t0 }, 'workload destroyed');
@@ -426,12 +424,16 @@ export class KvmDriver implements ComputeDriver {
   async inspect(id: string): Promise<WorkloadInspection> {
     assertId(id);
     const meta = await this.readMeta(id);
-    const name = this.vmName(id);
+    const pid = await this.runningPid(id);
+    if (pid !== undefined) return { id, state: 'running', pid, sshPort: meta?.sshPort };
+    return meta ? { id, state: 'gone', sshPort: meta.sshPort } : { id, state: 'gone' };
+  }
+
+  /** qemu's pid while it runs as this workload's VM (not a zombie, not a recycled pid). */
+  private async runningPid(id: string): Promise<number | undefined> {
     const pid = await readPidfile(vmFile(this.workloadDir(id), 'pidfile'));
     // isVmProcess is false for a zombie too (its cmdline is empty).
-    const running = pid !== undefined && (await isVmProcess(pid, name));
-    if (running) return { id, state: 'running', pid, sshPort: meta?.sshPort };
-    return meta ? { id, state: 'gone', sshPort: meta.sshPort } : { id, state: 'gone' };
+    return pid !== undefined && (await isVmProcess(pid, this.vmName(id))) ? pid : undefined;
   }
 
   /**
@@ -477,119 +479,29 @@ export class KvmDriver implements ComputeDriver {
 
   async waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult> {
     const t0 = Date.now();
-    const dir = this.workloadDir(id);
     // vm.json is written once at launch: port and token are read once, not per poll.
     const meta = await this.readMeta(id);
-    const needCloudInit = this.config.readiness === 'cloud-init';
-    let banner = false;
-    const failed = async (reason: 'died' | 'timeout'): Promise<ReadyResult> => ({
-      ready: false,
-      reason,
-      ms: Date.now() - t0,
-      // A dead qemu's ring is gone: the tail is what the last polls drained.
-      consoleTail: consoleTail(await this.readConsole(id)),
-    });
+    const readConsole = () => this.readConsole(id);
     try {
-      if (!meta) return await failed('died');
+      if (!meta) return await notReady('died', t0, readConsole);
       // A tap guest is probed on its own address: the host routes to it directly.
       const tapSlot = meta.slot !== undefined && this.slots ? this.slots.slot(meta.slot) : undefined;
-      const host = tapSlot ? tapSlot.guestAddress : probeHost(this.config.bindAddress);
-      const sshPort = tapSlot ? 22 : meta.sshPort;
-      const name = this.vmName(id);
-      for (;;) {
-        const pid = await readPidfile(vmFile(dir, 'pidfile'));
-        if (pid === undefined || !(await isVmProcess(pid, name))) return await failed('died');
-        // Drained at every poll, whatever the readiness mode: the boot_failed
-        // tail needs it, and the ring must not overwrite cloud-init's final message.
-        const console = await this.readConsole(id);
-        // The banner is cheap to keep probing until it first answers; after that
-        // only the console marker is awaited.
-        banner ||= await probeSshBanner(host, sshPort, 2000);
-        if (banner && (!needCloudInit || console.includes(finalMessageFor(meta.readyToken)))) {
-          return { ready: true, ms: Date.now() - t0 };
-        }
-        if (Date.now() - t0 >= opts.timeoutMs || opts.signal?.aborted) return await failed('timeout');
-        // A boot takes seconds to minutes: a half-second poll costs nothing and
-        // reacts to a dead qemu at once.
-        await new Promise((r) => setTimeout(r, 500));
-      }
+      return await waitUntilReady({
+        running: async () => (await this.runningPid(id)) !== undefined,
+        readConsole,
+        host: tapSlot ? tapSlot.guestAddress : probeHost(this.config.bindAddress),
+        port: tapSlot ? 22 : meta.sshPort,
+        finalMessage: this.config.readiness === 'cloud-init' ? finalMessageFor(meta.readyToken) : undefined,
+      }, opts, t0);
     } finally {
-      // Nobody reads this console any more: qemu's ring bounds it from here on.
-      this.consoles.delete(id);
+      this.consoles.forget(id);
     }
   }
 
-  /**
-   * Whether cloud-init has printed this workload's final message on the serial
-   * console: the point where the root password is set and sshd configured.
-   * An SSH banner alone comes ~10 s earlier.
-   */
-  async cloudInitFinished(id: string): Promise<boolean> {
-    const meta = await this.readMeta(id);
-    return meta !== undefined && (await this.readConsole(id)).includes(finalMessageFor(meta.readyToken));
-  }
-
-  /**
-   * The workload's console as far as it is kept: drains what qemu's ring holds
-   * into serial.log (at most `consoleLogBytes`, oldest dropped first) and
-   * returns the kept text. A VM started before the console became a ring (a
-   * file chardev) has no ring to read: its serial.log is read as it is.
-   */
+  /** The console as far as it is kept (console-log.ts); reading drains qemu's ring into serial.log. */
   readConsole(id: string): Promise<string> {
     assertId(id);
-    const prev = this.consoleReads.get(id) ?? Promise.resolve('');
-    const next = prev.catch(() => '').then(() => this.drainConsole(id));
-    this.consoleReads.set(id, next);
-    void next.finally(() => {
-      if (this.consoleReads.get(id) === next) this.consoleReads.delete(id);
-    });
-    return next;
-  }
-
-  private async drainConsole(id: string): Promise<string> {
-    const dir = this.workloadDir(id);
-    const file = vmFile(dir, 'serialLog');
-    const cap = this.config.consoleLogBytes ?? DEFAULT_CONSOLE_LOG_BYTES;
-    let kept = this.consoles.get(id);
-    if (!kept) {
-      kept = { text: await readTail(file, cap), dirty: false };
-      this.consoles.set(id, kept);
-    }
-    let chunk: Buffer;
-    try {
-      const [ret] = await runQmp(vmFile(dir, 'qmpSocket'), readConsoleRing(), 2000);
-      chunk = Buffer.from(typeof ret === 'string' ? ret : '', 'base64');
-    } catch (err) {
-      // qemu gone (its ring with it) or no ring (an older VM): what is kept is all there is.
-      this.logger.debug({ workloadId: id, err: (err as Error).message }, 'console ring not read');
-      return kept.text.toString('utf8');
-    }
-    if (chunk.length === 0 && !kept.dirty) return kept.text.toString('utf8');
-    let text = Buffer.concat([kept.text, chunk]);
-    // Past the cap, keep the newer half: the file is rewritten once per half a cap of output, not at every read.
-    const rewrite = kept.dirty || text.length > cap;
-    if (text.length > cap) text = text.subarray(text.length - Math.floor(cap / 2));
-    kept.text = text;
-    try {
-      if (rewrite) await writeFile(file, text, { mode: 0o600 });
-      else await appendFile(file, chunk, { mode: 0o600 });
-      kept.dirty = false;
-    } catch (err) {
-      // A full disk: the text stays in memory, and the file is rewritten whole once it can be.
-      kept.dirty = true;
-      this.logger.debug({ workloadId: id, code: (err as NodeJS.ErrnoException).code }, 'console log not written');
-    }
-    return text.toString('utf8');
-  }
-}
-
-/** The last `max` bytes of a file, or nothing. */
-async function readTail(file: string, max: number): Promise<Buffer> {
-  try {
-    const buf = await readFile(file);
-    return buf.length > max ? buf.subarray(buf.length - max) : buf;
-  } catch {
-    return Buffer.alloc(0);
+    return this.consoles.read(id, this.workloadDir(id));
   }
 }
 
