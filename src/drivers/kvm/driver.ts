@@ -1,15 +1,15 @@
 /**
- * KVM/qemu lifecycle: overlay copy → port → qemu -S -daemonize → pidfile →
- * identity check, while beside it the password is hashed and the seed ISO
- * written; then QMP attaches the seed and starts the VM. One directory per
- * workload under vmRoot holds everything it owns; every resource a create
- * takes is released if a later step fails.
+ * KvmDriver: creates, destroys, inspects and lists workloads, one qemu each.
+ * A create makes the workload's directory and takes a tap slot, then copies
+ * the disk overlay and launches qemu paused (launch.ts) while beside it the
+ * password is hashed and the seed ISO written; QMP then attaches the seed and
+ * starts the VM. Each resource a create takes registers its undo the moment
+ * it is taken (util/revert.ts). docs/driver.md shows the whole picture.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import { statSync } from 'node:fs';
-import { chmod, mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { execa } from 'execa';
 import type { Logger } from '../../util/logger.js';
 import { LibcryptHasher, type PasswordHasher } from '../../util/password-hasher.js';
 import {
@@ -21,38 +21,23 @@ import {
   type WorkloadSpec,
 } from '../types.js';
 import { resolveAccel } from './accel.js';
-import { attachSeedAndStart, buildQemuArgv } from './argv.js';
-import { readVmMeta, writeVmMeta, type VmMeta } from './vm-meta.js';
+import { attachSeedAndStart } from './argv.js';
+import { readVmMeta, type VmMeta } from './vm-meta.js';
 import { assertSocketPathsFit, isWorkloadId, vmFile, workloadDir } from './workload-files.js';
 import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
 import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { SlotAllocator } from './slots.js';
 import type { TapSlot } from '../../hostnet/plan.js';
-import { argvHasVmName, listProcesses, isVmProcess, lowerPriorityWhileLaunching, lowerProcessPriority, outputTail, readPidfile, setOomScoreAdj, stopVmProcess, waitForPidfile } from './process.js';
+import { isVmProcess, outputTail, readPidfile } from './process.js';
 import { OverlayError, OverlayTemplates } from './overlay.js';
 import { freeBytesUnder } from '../../util/free-space.js';
 import { Reverter } from '../../util/revert.js';
-import { launchPasst, stopPasst } from './passt.js';
+import { launchVm, stopVm } from './launch.js';
 import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
 import { notReady, probeHost, waitUntilReady } from './readiness.js';
 import { ConsoleLogs, DEFAULT_CONSOLE_LOG_BYTES } from './console-log.js';
-
-const HOSTFWD_TAKEN = 'Could not set up host forwarding rule';
-const PORT_TRIES = 5;
-
-/** What one create knows of the VM it is launching. */
-interface LaunchingVm {
-  dir: string;
-  name: string;
-  uuid: string;
-  readyToken: string;
-  spec: WorkloadSpec;
-  log: Logger;
-  slot?: TapSlot;
-}
-
 
 export class KvmDriver implements ComputeDriver {
   readonly kind = 'kvm';
@@ -141,7 +126,8 @@ export class KvmDriver implements ComputeDriver {
         const overlayStart = Date.now();
         await this.createOverlay(dir, spec.diskGb);
         log.info({ phase: 'overlay', ms: Date.now() - overlayStart }, 'disk overlay created');
-        return this.launch({ dir, name, uuid, readyToken, spec, log, slot }, revert);
+        const host = { config, accel: await this.resolvedAccel(), ports: this.ports };
+        return launchVm({ dir, name, uuid, readyToken, spec, log, slot }, host, revert);
       })();
       const [seedDone, launchDone] = await Promise.allSettled([seed, launch]);
       if (launchDone.status === 'rejected') throw launchDone.reason;
@@ -210,138 +196,6 @@ export class KvmDriver implements ComputeDriver {
     log.info({ phase: 'seed', ms: Date.now() - seedStart }, 'seed ISO written');
   }
 
-  /**
-   * Take a port and start qemu paused on it (trying the next port when the
-   * forward cannot bind), wait for its pidfile and check the pid is this VM.
-   * Everything taken is registered in `revert` as it is taken.
-   */
-  private async launch(vm: LaunchingVm, revert: Reverter): Promise<{ pid: number; port: number }> {
-    const { config } = this;
-    const { dir, name, log, slot } = vm;
-    const accel = await this.resolvedAccel();
-    const tried = new Set<number>();
-    let loweredEarly: number | undefined;
-    let port: number;
-    for (let attempt = 1; ; attempt++) {
-      // A slot's port is forwarded by nftables, not bound by qemu: nothing to try.
-      const next = slot ? slot.port : await this.ports.allocate(tried);
-      if (next === undefined) throw new DriverError('capacity', 'no free SSH port in the configured range');
-      port = next;
-      tried.add(port);
-      // What one attempt takes is given back before the next attempt, or with the rest on a failure.
-      const taken = new Reverter((err) => log.error({ err }, 'a cleanup step after a failed launch attempt failed'));
-      revert.add(() => taken.fail());
-      if (!slot) taken.add(() => this.ports.release(port));
-      const outcome = await this.startOnPort(vm, port, accel, taken);
-      if ('started' in outcome) {
-        loweredEarly = outcome.loweredEarly;
-        break;
-      }
-      if (slot || attempt >= PORT_TRIES) throw outcome.portTaken;
-      log.warn({ sshPort: port, attempt }, 'ssh port taken by another process, trying the next one');
-      await taken.fail();
-    }
-
-    const t = Date.now();
-    const pid = await waitForPidfile(vmFile(dir, 'pidfile'), config.pidfileTimeoutMs);
-    if (pid === undefined) throw new DriverError('timeout', 'qemu pidfile did not appear in time');
-    if (!(await isVmProcess(pid, name))) {
-      throw new DriverError('launch_failed', `pid ${pid} from the pidfile is not ${name} (qemu died right after start?)`);
-    }
-    if (this.guestNice > 0 && loweredEarly !== pid) {
-      // The launcher returned before the early pass saw this pid. (Threads made
-      // after an early pass inherit its nice value from the thread that made them.)
-      const lowered = await lowerProcessPriority(pid, this.guestNice);
-      log.debug({ pid, nice: this.guestNice, ...lowered }, 'guest CPU priority lowered');
-    }
-    if (config.guestOomScoreAdj !== undefined) {
-      // Best effort: a host that refuses it still runs the VM, only without the OOM preference.
-      await setOomScoreAdj(pid, config.guestOomScoreAdj).catch((err: Error) =>
-        log.warn({ pid, oomScoreAdj: config.guestOomScoreAdj, err: err.message }, 'could not set the guest OOM score'),
-      );
-    }
-    log.info({ phase: 'pidfile', ms: Date.now() - t, pid, sshPort: port }, 'qemu running, paused');
-    return { pid, port };
-  }
-
-  /**
-   * One launch attempt on `port`: vm.json, passt (in that mode), then qemu's
-   * daemonizing launcher. `portTaken` when passt or qemu's forward could not
-   * bind the port, with the error to report if no other port is tried.
-   */
-  private async startOnPort(
-    vm: LaunchingVm,
-    port: number,
-    accel: 'kvm' | 'tcg',
-    taken: Reverter,
-  ): Promise<{ started: true; loweredEarly?: number } | { portTaken: DriverError }> {
-    const { config } = this;
-    const { dir, name, uuid, readyToken, spec, log, slot } = vm;
-    const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
-    await writeVmMeta(dir, meta);
-
-    if (this.network === 'passt') {
-      const passt = await launchPasst({
-        dir,
-        binary: config.passtBinary ?? 'passt',
-        bindAddress: config.bindAddress,
-        sshPort: port,
-        startTimeoutMs: config.pidfileTimeoutMs,
-        stopTimeoutMs: config.stopTimeoutMs,
-        log,
-      });
-      if (passt === 'port-taken') {
-        return { portTaken: new DriverError('launch_failed', `passt could not bind SSH port ${port}`) };
-      }
-      taken.add(() => stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), config.stopTimeoutMs));
-    }
-
-    // Empty until the driver drains the console ring into it; 0600 like everything here.
-    await writeFile(vmFile(dir, 'serialLog'), '', { mode: 0o600 });
-    await chmod(vmFile(dir, 'serialLog'), 0o600);
-
-    const argv = buildQemuArgv({
-      accel,
-      name,
-      uuid,
-      dir,
-      vcpus: spec.vcpus,
-      memoryMb: spec.memoryMb,
-      bindAddress: config.bindAddress,
-      sshPort: port,
-      kernel: config.kernel,
-      initrd: config.initrd,
-      append: config.append,
-      network: this.network,
-      tap: slot && { device: slot.tap, mac: slot.mac },
-    });
-    // Even a launcher that fails may leave a daemonized child behind.
-    taken.add(() => this.killByName(name, dir));
-    const t = Date.now();
-    const launcher = execa(config.qemuBinary, argv, {
-      stdin: 'ignore',
-      stdout: 'ignore',
-      stderr: 'pipe',
-      reject: false,
-      // The daemonizing parent returns once the VM is set up; bound it anyway.
-      timeout: config.pidfileTimeoutMs,
-    });
-    const early = this.guestNice > 0 ? lowerPriorityWhileLaunching(vmFile(dir, 'pidfile'), name, this.guestNice, launcher, log) : undefined;
-    const res = await launcher;
-    const loweredEarly = await early;
-    log.info({ phase: 'qemu', ms: Date.now() - t, exitCode: res.exitCode, sshPort: port }, 'qemu launcher returned');
-    if (res.exitCode === 0) return { started: true, loweredEarly };
-
-    const stderr = outputTail(res.stderr as string | undefined);
-    const failure = res.timedOut
-      ? new DriverError('timeout', 'qemu did not daemonize in time', stderr)
-      : res.failed && res.exitCode === undefined
-        ? new DriverError('launch_failed', `qemu could not be started: ${res.shortMessage ?? 'unknown error'}`, stderr)
-        : new DriverError('launch_failed', `qemu exited with code ${res.exitCode}`, stderr);
-    if (stderr.includes(HOSTFWD_TAKEN)) return { portTaken: failure };
-    throw failure;
-  }
-
   private async createOverlay(dir: string, diskGb: number): Promise<void> {
     if (!Number.isInteger(diskGb) || diskGb <= 0) throw new DriverError('internal', 'diskGb must be a positive integer');
     try {
@@ -349,28 +203,6 @@ export class KvmDriver implements ComputeDriver {
     } catch (err) {
       throw new DriverError('internal', 'disk overlay creation failed', outputTail(err instanceof OverlayError ? err.detail : errText(err)));
     }
-  }
-
-  /** Stop whatever qemu runs for this VM: the pidfile's pid (if it is ours) and any other process naming it. */
-  private async killByName(name: string, dir: string, knownPid?: number): Promise<void> {
-    const pids = new Set<number>();
-    if (knownPid !== undefined) pids.add(knownPid);
-    const fromFile = await readPidfile(vmFile(dir, 'pidfile'));
-    if (fromFile !== undefined) pids.add(fromFile);
-    // One pass over /proc finds both this VM's qemu and its passt.
-    const procs = await listProcesses();
-    for (const p of procs) if (argvHasVmName(p.argv, name)) pids.add(p.pid);
-    for (const p of pids) await stopVmProcess(p, name, this.config.stopTimeoutMs);
-    // Whatever the configured mode is now: the VM may date from another one.
-    await stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), this.config.stopTimeoutMs, procs);
-  }
-
-  private get guestNice(): number {
-    return this.config.guestNice ?? 0;
-  }
-
-  private get network(): 'restricted' | 'user' | 'passt' | 'tap' {
-    return this.config.network ?? 'restricted';
   }
 
   /** In `tap` mode a free slot (or a capacity error); otherwise undefined. */
@@ -409,7 +241,7 @@ export class KvmDriver implements ComputeDriver {
     const existed = await stat(dir).then(() => true, () => false);
     try {
       // Also when the directory is gone: a qemu may outlive a half-finished cleanup.
-      await this.killByName(name, dir);
+      await stopVm(name, dir, this.config.stopTimeoutMs);
     } catch (err) {
       throw new DriverError('internal', `could not stop ${name}`, errText(err));
     }
