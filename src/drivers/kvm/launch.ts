@@ -186,7 +186,7 @@ async function startOnPort(
   throw failure;
 }
 
-/** Stop whatever qemu runs for this VM: the pidfile's pid (if it is ours) and any other process naming it. */
+/** Stop this VM's processes: its qemu (the pidfile's pid if it is ours, and any process naming the VM) and its passt. */
 export async function stopVm(name: string, dir: string, stopTimeoutMs: number): Promise<void> {
   const pids = new Set<number>();
   const fromFile = await readPidfile(vmFile(dir, 'pidfile'));
