@@ -12,6 +12,7 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DriverError, type WorkloadSpec } from '../../src/drivers/types.js';
 import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
+import { findPasstPids } from '../../src/drivers/kvm/passt.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { isFree, isListening, processRuns, qemuPidsMatching, until } from '../support/net.js';
 import { cloudInitFinished, ensureCloudGuest } from '../support/cloud-guest.js';
@@ -216,6 +217,20 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
       expect(await isFree(42030)).toBe(true);
     }
     expect(qemuPidsMatching('paygress-kvmtest-badkernel')).toEqual([]);
+  });
+
+  it('stops passt and frees port and directory when qemu cannot start after passt took the port', async () => {
+    // No qemu ever connects to this passt, so --one-off would never end it: only the driver's cleanup does.
+    const d = driver({ network: 'passt', portRange: { from: 47700, to: 47700 }, qemuBinary: join(root, 'no-such-qemu') });
+    const socket = join(config().vmRoot, 'passtfail', 'passt.sock');
+    for (let i = 0; i < 2; i++) {
+      const err = await d.create(spec('passtfail')).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(DriverError);
+      expect((err as DriverError).message).toMatch(/qemu could not be started/);
+      expect(readdirSync(config().vmRoot)).not.toContain('passtfail');
+      expect(await findPasstPids(socket)).toEqual([]);
+      expect(await isFree(47700)).toBe(true);
+    }
   });
 
   it('releases everything when the base image does not exist', async () => {
