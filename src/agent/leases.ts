@@ -107,3 +107,8 @@ export class LeaseStore {
     this.leases.set(lease.workloadId, lease);
   }
 }
+
+/** Whole seconds until the lease ends; 0 once it has. */
+export function secondsLeft(lease: Pick<Lease, 'expiresAt'>, now = Date.now()): number {
+  return Math.max(0, Math.floor((Date.parse(lease.expiresAt) - now) / 1000));
+}
