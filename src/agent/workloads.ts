@@ -204,7 +204,6 @@ export class Workloads {
     const id = lease.workloadId;
     let running = this.teardowns.get(id);
     if (running) return running;
-    const before = this.phases.get(id);
     this.phases.set(id, 'stopping');
     const driver = this.opts.drivers[lease.driver];
     running = (async () => {
@@ -219,8 +218,10 @@ export class Workloads {
       },
       (err: unknown) => {
         this.teardowns.delete(id);
-        // Still leased: the supervisor looks at it again (a failed boot's refund is already journaled).
-        if (this.opts.leases.get(id)) this.phases.set(id, before === 'failing' || before === undefined ? 'ready' : before);
+        // Still leased: its owner may stop it again, and the supervisor judges it
+        // from now on (a readiness watch still running no longer does; a failed
+        // boot's refund is already journaled).
+        if (this.opts.leases.get(id)) this.phases.set(id, 'ready');
         else this.phases.delete(id);
         throw err;
       },
