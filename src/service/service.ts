@@ -154,7 +154,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   const supervisor = new Supervisor({ workloads, tickMs: cfg.leases.checkIntervalMs });
 
   // Quiet: DMs open on the main thread, one per event-loop turn; under a backlog
-  // in worker threads (issue 7: a flood of DMs must not starve the event loop).
+  // in worker threads, so a flood of DMs cannot starve the event loop.
   const unwrap = new UnwrapPool({ sk, pubkey, logger: logger.child({ part: 'unwrap' }) });
   const inbox = { unopenedDropped: 0, ignored: {} as Record<string, number>, tooOld: 0 };
   const onEvent = (event: NostrEvent): boolean => {
@@ -166,7 +166,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     void unwrap
       .open(event)
       .then((opened) => onOpened(event, opened, unwrapStarted))
-      // The relay pool's handler guard no longer surrounds this: keep a throw from becoming an unhandled rejection.
+      // This runs after the relay pool's handler returned, outside its guard: keep a throw from becoming an unhandled rejection.
       .catch((err: unknown) => logger.error({ eventId: event.id, err: (err as Error).message }, 'error while handling event'));
     return true;
   };
