@@ -175,8 +175,9 @@ export class Workloads {
       await answer(outcome);
     } finally {
       await this.opts.inflight.end(order.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
+      // Whatever the answer did: a booting workload nobody watches would never be judged.
+      if (outcome.ok && driver) this.track(this.watchReady(outcome.lease, driver, log, this.opts.readyTimeoutMs));
     }
-    if (outcome.ok && driver) this.track(this.watchReady(outcome.lease, driver, log, this.opts.readyTimeoutMs));
   }
 
   /**
