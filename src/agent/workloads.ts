@@ -238,7 +238,7 @@ export class Workloads {
   async supervise(now = Date.now()): Promise<void> {
     for (const lease of this.opts.leases.all()) {
       const phase = this.phases.get(lease.workloadId);
-      if (this.isEnding(lease.workloadId) || phase === 'spawning') continue;
+      if (this.isEnding(lease.workloadId)) continue;
       try {
         const left = secondsLeft(lease, now);
         // A top-up may have moved the expiry since this list was taken.
