@@ -82,6 +82,12 @@ export interface SpawnOrder {
 
 export type SpawnOutcome = { ok: true; lease: Lease } | { ok: false; error: unknown };
 
+/** A VM obtained for a tenant, and whether it already takes their login (no boot to watch). */
+interface Acquired {
+  handle: WorkloadHandle;
+  ready: boolean;
+}
+
 export class Workloads {
   private readonly phases = new Map<string, Phase>();
   /** Teardowns under way: a second stop of a workload waits for the first. */
@@ -125,35 +131,32 @@ export class Workloads {
    * The readiness watch starts after the answer.
    */
   async spawn(order: SpawnOrder, answer: (outcome: SpawnOutcome) => Promise<void>): Promise<void> {
-    const { workloadId } = order;
-    const log = this.log.child({ workloadId });
+    let workloadId = order.workloadId;
+    let log = this.log.child({ workloadId });
     addLogContext({ workloadId });
     const started = Date.now();
     let outcome: SpawnOutcome;
     let driver: ComputeDriver | undefined;
+    let readyAtOnce = false;
     this.phases.set(workloadId, 'spawning');
     try {
-      await this.opts.inflight.begin({
-        requestId: order.requestId,
-        sender: order.owner,
-        channel: order.channel,
-        workloadId,
-        driver: order.driver,
-        startedAt: new Date(started).toISOString(),
-      });
       driver = this.opts.drivers[order.driver];
       if (!driver) throw new Error(`driver ${order.driver} is not running`);
+      const journal = (id: string): Promise<void> =>
+        this.opts.inflight.begin({ requestId: order.requestId, sender: order.owner, channel: order.channel, workloadId: id, driver: order.driver, startedAt: new Date(started).toISOString() });
       const { resources } = order;
-      const handle = await this.acquire(driver, {
-        id: workloadId,
-        hostname: workloadId,
-        vcpus: resources.vcpus,
-        memoryMb: resources.memoryMb,
-        diskGb: resources.diskGb,
-        rootPassword: order.rootPassword,
-        sshKeys: order.sshKeys,
-      });
-      const lease = leaseOf(order, handle.sshPort, new Date());
+      const spec = { id: workloadId, hostname: workloadId, vcpus: resources.vcpus, memoryMb: resources.memoryMb, diskGb: resources.diskGb, rootPassword: order.rootPassword, sshKeys: order.sshKeys };
+      const acquired = await this.acquire(driver, spec, journal);
+      if (acquired.handle.id !== workloadId) {
+        this.phases.delete(workloadId);
+        workloadId = acquired.handle.id;
+        this.phases.set(workloadId, 'spawning');
+        log = this.log.child({ workloadId });
+        addLogContext({ workloadId });
+      }
+      readyAtOnce = acquired.ready;
+      const createdAt = new Date();
+      const lease = leaseOf({ ...order, workloadId }, acquired.handle.sshPort, createdAt, readyAtOnce);
       try {
         await this.opts.leases.put(lease);
       } catch (err) {
@@ -164,8 +167,8 @@ export class Workloads {
       // Booting from the moment the lease exists, not from when the watch
       // starts after the answer: in between, a death is still the watch's to
       // report (boot_failed), not the supervisor's (workload_lost).
-      this.phases.set(workloadId, 'booting');
-      log.info({ sshPort: handle.sshPort, tier: order.isolationLevel, ms: Date.now() - started }, 'workload started');
+      this.phases.set(workloadId, readyAtOnce ? 'ready' : 'booting');
+      log.info({ sshPort: acquired.handle.sshPort, tier: order.isolationLevel, ms: Date.now() - started }, 'workload started');
       outcome = { ok: true, lease };
     } catch (error) {
       this.phases.delete(workloadId);
@@ -176,17 +179,21 @@ export class Workloads {
     } finally {
       await this.opts.inflight.end(order.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
       // Whatever the answer did: a booting workload nobody watches would never be judged.
-      if (outcome.ok && driver) this.track(this.watchReady(outcome.lease, driver, log, this.opts.readyTimeoutMs));
+      if (outcome.ok && readyAtOnce) await this.notify(outcome.lease, readyNotice(outcome.lease, 0));
+      else if (outcome.ok && driver) this.track(this.watchReady(outcome.lease, driver, log, this.opts.readyTimeoutMs));
     }
   }
 
   /**
-   * The one place a workload is acquired. Today a cold `create`; the warm
-   * pool plugs in here, handing off an idle VM (`driver.warm`) when it has
-   * one and falling back to `create`.
+   * The one place a workload is acquired for a tenant. `journal(id)` names
+   * the VM in the spawn journal before the host is touched for it (again for
+   * each VM tried). Today a cold `create`, which boots. The warm pool plugs in
+   * here: it hands off an idle VM (`driver.warm`, which keeps its own id and
+   * takes the tenant's login at once: `ready`), falling back to `create`.
    */
-  private acquire(driver: ComputeDriver, spec: WorkloadSpec): Promise<WorkloadHandle> {
-    return driver.create(spec);
+  private async acquire(driver: ComputeDriver, spec: WorkloadSpec, journal: (id: string) => Promise<void>): Promise<Acquired> {
+    await journal(spec.id);
+    return { handle: await driver.create(spec), ready: false };
   }
 
   /** Run `extend` as this workload's one lease extension under way. */
@@ -484,7 +491,7 @@ function routeOf(lease: Lease): Route {
   return { to: lease.owner, channel: lease.channel, replyTo: lease.requestId };
 }
 
-function leaseOf(order: SpawnOrder, sshPort: number, createdAt: Date): Lease {
+function leaseOf(order: SpawnOrder, sshPort: number, createdAt: Date, ready: boolean): Lease {
   const { resources } = order;
   return {
     workloadId: order.workloadId,
@@ -503,5 +510,6 @@ function leaseOf(order: SpawnOrder, sshPort: number, createdAt: Date): Lease {
     expiresAt: new Date(createdAt.getTime() + order.leaseSeconds * 1000).toISOString(),
     ...(order.dialect === 'upstream' ? { dialect: order.dialect } : {}),
     ...(order.paid ? { paid: order.paid } : {}),
+    ...(ready ? { readyAt: createdAt.toISOString() } : {}),
   };
 }
