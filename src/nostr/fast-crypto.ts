@@ -32,7 +32,7 @@ import { base64 } from '@scure/base';
 import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
 import * as nip44 from 'nostr-tools/nip44';
-import { HEX64, HEX128 } from './event-shape.js';
+import { HEX64, HEX128 } from '../util/hex.js';
 import type { NostrEvent } from './types.js';
 
 interface WasmVerifier {
