@@ -13,7 +13,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DriverError, type TenantSpec } from '../../src/drivers/types.js';
 import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
-import { SSHD_DROPIN_CONTENT } from '../../src/drivers/kvm/cloud-config.js';
+import { SSHD_DROPIN_CONTENT, SSHD_DROPIN_PATH } from '../../src/drivers/kvm/cloud-config.js';
 import { runQmp } from '../../src/drivers/kvm/qmp.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { qemuPidsMatching } from '../support/net.js';
@@ -23,6 +23,8 @@ import { startFakeQga, type FakeQgaBehaviour } from '../support/fake-qga.js';
 import { filesUnder } from '../support/files.js';
 
 const PASSWORD = `t3nant: "pw" #x 'ünï'`;
+/** What an honest idle guest's agent would show: a locked root, the seed's sshd drop-in. */
+const GUEST_FILES = { '/etc/shadow': 'root:!*:19000:0:99999:7:::\nsshd:!:19000::::::\n', [SSHD_DROPIN_PATH]: SSHD_DROPIN_CONTENT };
 let root: string;
 let tiny: TinyGuest;
 const drivers: KvmDriver[] = [];
@@ -145,7 +147,7 @@ describe('warm pool against a hostile guest agent', () => {
   const cases: [FakeQgaBehaviour, RegExp][] = [
     ['wrong-sync-id', /sync/],
     ['malformed', /not JSON/],
-    ['error-answer', /GenericError/],
+    ['error-answer', /guest-file-open: GenericError: open failed/],
     ['oversized', /oversized/],
     ['hang', /no answer|deadline/],
     ['wrong-dropin', /sshd_config/],
@@ -156,7 +158,7 @@ describe('warm pool against a hostile guest agent', () => {
     const h = await d.warm.createIdle({ id, vcpus: 1, memoryMb: 256, diskGb: 1 });
     try {
       expect(existsSync(join(h.dir, 'qga.sock'))).toBe(true);
-      const fake = await startFakeQga(join(h.dir, 'qga.sock'), behaviour, SSHD_DROPIN_CONTENT);
+      const fake = await startFakeQga(join(h.dir, 'qga.sock'), behaviour, GUEST_FILES);
       try {
         const err = await d.warm.handOff(id, { hostname: 'victim', rootPassword: PASSWORD, sshKeys: [] }, { timeoutMs: 3_000 }).catch((e: unknown) => e);
         expect(err).toBeInstanceOf(DriverError);
@@ -184,19 +186,28 @@ describe('warm pool against a hostile guest agent', () => {
     const d = driver({ portRange: { from: 47530, to: 47539 } });
     const h = await d.warm.createIdle({ id: 'honest', vcpus: 1, memoryMb: 256, diskGb: 1 });
     try {
-      const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', SSHD_DROPIN_CONTENT);
+      const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', GUEST_FILES);
       try {
         // The tiny guest's fake sshd answers the banner check once it has booted.
         await d.waitReady('honest', { timeoutMs: 120_000 });
         await d.warm.handOff('honest', { hostname: 'tenant', rootPassword: PASSWORD, sshKeys: [] }, { timeoutMs: 10_000 });
         expect(fake.received).toEqual([
           'guest-sync-delimited',
-          'guest-set-user-password',
+          // /etc/shadow: read, then written back with root's hash
+          'guest-file-open', 'guest-file-read', 'guest-file-close',
+          'guest-file-open', 'guest-file-write', 'guest-file-close',
           'guest-ssh-add-authorized-keys',
+          // /etc/hostname, /proc/sys/kernel/hostname
           'guest-file-open', 'guest-file-write', 'guest-file-close',
           'guest-file-open', 'guest-file-write', 'guest-file-close',
+          // the sshd drop-in, read back
           'guest-file-open', 'guest-file-read', 'guest-file-close',
         ]);
+        const shadow = fake.written.get('/etc/shadow')!.toString();
+        expect(shadow).toMatch(/^root:\$6\$[^:]+:\d+:0:99999:7:::\nsshd:!:19000::::::\n$/);
+        expect(shadow).not.toContain(PASSWORD);
+        expect(fake.written.get('/etc/hostname')!.toString()).toBe('tenant\n');
+        expect(fake.written.get('/proc/sys/kernel/hostname')!.toString()).toBe('tenant');
       } finally {
         await fake.close();
       }

@@ -16,7 +16,7 @@ export type FakeQgaBehaviour =
   | 'wrong-sync-id'
   /** After a correct sync, a line that is not JSON. */
   | 'malformed'
-  /** After a correct sync, an error answer to setting the password. */
+  /** After a correct sync, an error answer (with terminal escapes and far too long). */
   | 'error-answer'
   /** After a correct sync, an endless answer without a newline. */
   | 'oversized'
@@ -28,11 +28,17 @@ export type FakeQgaBehaviour =
 export interface FakeQga {
   /** Commands received, by name, in order. */
   readonly received: string[];
+  /** What was written to each path, last write wins. */
+  readonly written: Map<string, Buffer>;
   close(): Promise<void>;
 }
 
-export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dropin: string): Promise<FakeQga> {
+/** Files the fake serves to guest-file-read, by path. */
+export type FakeFiles = Record<string, string>;
+
+export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, files: FakeFiles): Promise<FakeQga> {
   const received: string[] = [];
+  const written = new Map<string, Buffer>();
   const sockets = new Set<Socket>();
   const server: Server = createServer((sock) => {
     sockets.add(sock);
@@ -60,6 +66,21 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
         received.push(cmd.execute);
         if (behaviour === 'hang') continue;
         const send = (obj: unknown) => sock.write(`${JSON.stringify(obj)}\n`);
+        if (cmd.execute !== 'guest-sync-delimited' && received.length === 2) {
+          // The first command after the sync: where these behaviours strike.
+          if (behaviour === 'malformed') {
+            sock.write('{"return": {}, oops\n');
+            continue;
+          }
+          if (behaviour === 'error-answer') {
+            send({ error: { class: 'GenericError', desc: `open failed \x1b[31m${'x'.repeat(500)}` } });
+            continue;
+          }
+          if (behaviour === 'oversized') {
+            sock.write(Buffer.alloc(1024 * 1024, 0x41));
+            continue;
+          }
+        }
         switch (cmd.execute) {
           case 'guest-sync-delimited': {
             const id = cmd.arguments!.id as number;
@@ -67,12 +88,6 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
             send({ return: behaviour === 'wrong-sync-id' ? id + 1 : id });
             break;
           }
-          case 'guest-set-user-password':
-            if (behaviour === 'malformed') sock.write('{"return": {}, oops\n');
-            else if (behaviour === 'error-answer') send({ error: { class: 'GenericError', desc: `chpasswd failed \x1b[31m${'x'.repeat(500)}` } });
-            else if (behaviour === 'oversized') sock.write(Buffer.alloc(1024 * 1024, 0x41));
-            else send({ return: {} });
-            break;
           case 'guest-file-open': {
             const h = nextHandle++;
             handles.set(h, String(cmd.arguments!.path));
@@ -81,11 +96,14 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
           }
           case 'guest-file-write': {
             const b64 = String(cmd.arguments!['buf-b64']);
+            written.set(handles.get(cmd.arguments!.handle as number)!, Buffer.from(b64, 'base64'));
             send({ return: { count: Buffer.from(b64, 'base64').length, eof: false } });
             break;
           }
           case 'guest-file-read': {
-            const content = Buffer.from(behaviour === 'wrong-dropin' ? 'PermitRootLogin no\n' : dropin);
+            const file = handles.get(cmd.arguments!.handle as number)!;
+            const text = behaviour === 'wrong-dropin' && file.startsWith('/etc/ssh/') ? 'PermitRootLogin no\n' : (files[file] ?? '');
+            const content = Buffer.from(text);
             send({ return: { count: content.length, 'buf-b64': content.toString('base64'), eof: true } });
             break;
           }
@@ -102,6 +120,7 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
   });
   return {
     received,
+    written,
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy();
