@@ -23,8 +23,17 @@ import { startFakeQga, type FakeQgaBehaviour } from '../support/fake-qga.js';
 import { filesUnder } from '../support/files.js';
 
 const PASSWORD = `t3nant: "pw" #x 'ünï'`;
-/** What an honest idle guest's agent would show: a locked root, the seed's sshd drop-in. */
-const GUEST_FILES = { '/etc/shadow': 'root:!*:19000:0:99999:7:::\nsshd:!:19000::::::\n', [SSHD_DROPIN_PATH]: SSHD_DROPIN_CONTENT };
+/** What an honest idle guest's agent would show: a locked root, the seed's sshd drop-in, sshd listening. */
+const PROC_NET_TCP = [
+  '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+  '   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 13007 1 0000000000000000 100 0 0 10 0',
+  '',
+].join('\n');
+const GUEST_FILES = {
+  '/etc/shadow': 'root:!*:19000:0:99999:7:::\nsshd:!:19000::::::\n',
+  [SSHD_DROPIN_PATH]: SSHD_DROPIN_CONTENT,
+  '/proc/net/tcp': PROC_NET_TCP,
+};
 let root: string;
 let tiny: TinyGuest;
 const drivers: KvmDriver[] = [];
@@ -151,6 +160,7 @@ describe('warm pool against a hostile guest agent', () => {
     ['oversized', /oversized/],
     ['hang', /no answer|deadline/],
     ['wrong-dropin', /sshd_config/],
+    ['sshd-down', /nothing listens on port 22/],
   ];
   it.each(cases)('%s → handoff_failed, and the VM is never handed off again', async (behaviour, message) => {
     const d = driver({ portRange: { from: 47510, to: 47529 } });
@@ -188,20 +198,14 @@ describe('warm pool against a hostile guest agent', () => {
     try {
       const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', GUEST_FILES);
       try {
-        // The tiny guest's fake sshd answers the banner check once it has booted.
-        await d.waitReady('honest', { timeoutMs: 120_000 });
         await d.warm.handOff('honest', { hostname: 'tenant', rootPassword: PASSWORD, sshKeys: [] }, { timeoutMs: 10_000 });
         expect(fake.received).toEqual([
           'guest-sync-delimited',
-          // /etc/shadow: read, then written back with root's hash
-          'guest-file-open', 'guest-file-read', 'guest-file-close',
+          // shadow, sshd drop-in, /proc/net/tcp to read; /etc/hostname, the running hostname to write; keys replaced
+          ...Array(5).fill('guest-file-open'), 'guest-ssh-add-authorized-keys',
+          ...Array(3).fill('guest-file-read'), ...Array(2).fill('guest-file-write'), ...Array(5).fill('guest-file-close'),
+          // /etc/shadow written back with root's hash
           'guest-file-open', 'guest-file-write', 'guest-file-close',
-          'guest-ssh-add-authorized-keys',
-          // /etc/hostname, /proc/sys/kernel/hostname
-          'guest-file-open', 'guest-file-write', 'guest-file-close',
-          'guest-file-open', 'guest-file-write', 'guest-file-close',
-          // the sshd drop-in, read back
-          'guest-file-open', 'guest-file-read', 'guest-file-close',
         ]);
         const shadow = fake.written.get('/etc/shadow')!.toString();
         expect(shadow).toMatch(/^root:\$6\$[^:]+:\d+:0:99999:7:::\nsshd:!:19000::::::\n$/);

@@ -23,7 +23,9 @@ export type FakeQgaBehaviour =
   /** Accepts the connection and never answers. */
   | 'hang'
   /** Answers everything, but the sshd drop-in it reports is not the one that opens root login. */
-  | 'wrong-dropin';
+  | 'wrong-dropin'
+  /** Answers everything, but nothing listens on port 22 in its /proc/net/tcp. */
+  | 'sshd-down';
 
 export interface FakeQga {
   /** Commands received, by name, in order. */
@@ -102,7 +104,9 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, fi
           }
           case 'guest-file-read': {
             const file = handles.get(cmd.arguments!.handle as number)!;
-            const text = behaviour === 'wrong-dropin' && file.startsWith('/etc/ssh/') ? 'PermitRootLogin no\n' : (files[file] ?? '');
+            let text = files[file] ?? '';
+            if (behaviour === 'wrong-dropin' && file.startsWith('/etc/ssh/')) text = 'PermitRootLogin no\n';
+            if (behaviour === 'sshd-down' && file === '/proc/net/tcp') text = text.replace(' 0A ', ' 01 ');
             const content = Buffer.from(text);
             send({ return: { count: content.length, 'buf-b64': content.toString('base64'), eof: true } });
             break;

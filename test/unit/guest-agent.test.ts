@@ -18,6 +18,7 @@ import {
   QGA_PORT_NAME,
 } from '../../src/drivers/kvm/guest-agent-protocol.js';
 import { shadowDay, withRootPasswordHash } from '../../src/drivers/kvm/shadow.js';
+import { listensOnPort } from '../../src/drivers/kvm/proc-net.js';
 import { sha512crypt } from '../../src/util/sha512crypt.js';
 
 const HASH = sha512crypt('tenant-password', 'abcdefgh12345678');
@@ -207,5 +208,23 @@ describe('withRootPasswordHash', () => {
   it('only a SHA-512 crypt hash goes in: a value with a colon or newline could add fields or users', () => {
     expect(() => withRootPasswordHash(shadow, 'plain:text', 20_000)).toThrow(RangeError);
     expect(() => withRootPasswordHash(shadow, `${HASH}\nmallory::0:0:99999:7:::`, 20_000)).toThrow(RangeError);
+  });
+});
+
+describe('listensOnPort', () => {
+  const header = '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode';
+  const line = (local: string, st: string) => `   0: ${local} 00000000:0000 ${st} 00000000:00000000 00:00000000 00000000     0        0 13007 1 0000000000000000 100 0 0 10 0`;
+
+  it('a LISTEN socket on the port, any address, IPv4 or IPv6 table', () => {
+    expect(listensOnPort([header, line('00000000:0016', '0A'), ''].join('\n'), 22)).toBe(true);
+    expect(listensOnPort([header, line('0100007F:0016', '0A')].join('\n'), 22)).toBe(true);
+    expect(listensOnPort([header, line('00000000000000000000000000000000:0016', '0A')].join('\n'), 22)).toBe(true);
+  });
+
+  it('not: another port, another state, the header, garbage', () => {
+    expect(listensOnPort([header, line('00000000:0017', '0A')].join('\n'), 22)).toBe(false);
+    expect(listensOnPort([header, line('0200000A:0016', '01')].join('\n'), 22)).toBe(false);
+    expect(listensOnPort(`${line('00000000:0016', '0A')}`, 22)).toBe(false);
+    for (const junk of ['', '\n\n', `${header}\n0: :0016 x 0A`, `${header}\n0: zz:0016 x 0A`, `${header}\n\u0000`]) expect(listensOnPort(junk, 22)).toBe(false);
   });
 });

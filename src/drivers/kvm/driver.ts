@@ -158,7 +158,6 @@ export class KvmDriver implements ComputeDriver {
       readMeta: (id) => this.readMeta(id),
       isRunning: async (id) => (await this.inspect(id)).state === 'running',
       readConsole: (id) => this.readConsole(id),
-      sshTarget: (meta) => this.sshTarget(meta),
       hasher: this.hasher,
       logger: this.logger,
     };
@@ -611,7 +610,10 @@ export class KvmDriver implements ComputeDriver {
     });
     try {
       if (!meta) return await failed('died');
-      const { host, port: sshPort } = this.sshTarget(meta);
+      // A tap guest is probed on its own address: the host routes to it directly.
+      const tapSlot = meta.slot !== undefined && this.slots ? this.slots.slot(meta.slot) : undefined;
+      const host = tapSlot ? tapSlot.guestAddress : probeHost(this.config.bindAddress);
+      const sshPort = tapSlot ? 22 : meta.sshPort;
       const name = this.vmName(id);
       for (;;) {
         const pid = await readPidfile(vmFile(dir, 'pidfile'));
@@ -634,12 +636,6 @@ export class KvmDriver implements ComputeDriver {
       // Nobody reads this console any more: qemu's ring bounds it from here on.
       this.consoles.delete(id);
     }
-  }
-
-  /** Where the host reaches the guest's sshd. A tap guest is probed on its own address: the host routes to it directly. */
-  private sshTarget(meta: VmMeta): { host: string; port: number } {
-    const tapSlot = meta.slot !== undefined && this.slots ? this.slots.slot(meta.slot) : undefined;
-    return tapSlot ? { host: tapSlot.guestAddress, port: 22 } : { host: probeHost(this.config.bindAddress), port: meta.sshPort };
   }
 
   /**

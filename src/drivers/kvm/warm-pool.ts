@@ -16,7 +16,7 @@ import { vmFile } from './argv.js';
 import { ping, isEmptyReturn } from './guest-agent-protocol.js';
 import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
 import { closeGuestAgentChannel, configureTenant, type HandOffTimings } from './handoff.js';
-import { consoleTail, probeSshBanner } from './readiness.js';
+import { consoleTail } from './readiness.js';
 
 /** vm.json's `warm` field: absent on cold VMs. */
 export type WarmState = 'idle' | 'handed-off';
@@ -37,8 +37,6 @@ export interface WarmPoolHost<M extends WarmMeta> {
   readMeta(id: string): Promise<M | undefined>;
   isRunning(id: string): Promise<boolean>;
   readConsole(id: string): Promise<string>;
-  /** Where the host reaches the guest's sshd (the forwarded port, or a tap guest's own address). */
-  sshTarget(meta: M): { host: string; port: number };
   hasher: PasswordHasher;
   logger: Logger;
 }
@@ -124,9 +122,6 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     const timings: HandOffTimings = {};
     const hashing = host.hasher.hash(tenant.rootPassword);
     hashing.catch(() => undefined);
-    // sshd answered before (waitIdle): one probe, side by side with the guest-agent work.
-    const target = host.sshTarget(meta);
-    const banner = probeSshBanner(target.host, target.port, Math.max(1, deadline - Date.now()));
     let session: GuestAgentSession | undefined;
     let failure: DriverError | undefined;
     try {
@@ -140,20 +135,12 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
       session?.close();
       this.syncIds.delete(id);
     }
-    // Nothing is read from the guest agent any more. The channel is taken out
-    // while the banner is awaited (both take a few hundred ms under TCG).
+    // Nothing is read from the guest agent any more: the channel is taken out.
     const tClose = performance.now();
-    const closing = closeGuestAgentChannel(vmFile(dir, 'qgaSocket'), vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS).then((removed) => {
-      timings.close = Math.round(performance.now() - tClose);
-      return removed;
-    });
-    if (!failure && !(await banner)) {
-      failure = new DriverError('handoff_failed', 'sshd does not answer with a banner');
-      log.warn({ ms: Math.round(performance.now() - t0) }, `hand-off failed: ${failure.message}`);
-    }
-    timings.bannerAt = Math.round(performance.now() - t0);
+    const removed = await closeGuestAgentChannel(vmFile(dir, 'qgaSocket'), vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS);
+    timings.close = Math.round(performance.now() - tClose);
     // The socket file is gone either way: nobody can reach the agent. qemu keeping the port is worth a warning, not a failure.
-    if (!(await closing)) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
+    if (!removed) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
     if (failure) throw failure;
     log.info({ phase: 'handoff', ms: Math.round(performance.now() - t0), steps: timings }, 'VM handed off');
   }
