@@ -6,14 +6,13 @@
  * /proc/net/tcp; the host-side banner was seen when the VM became idle, and
  * probing it again would cost ~1 s under TCG, where sshd forks and
  * re-executes itself per connection). Afterwards the channel is taken out of
- * the VM for good (`closeGuestAgentChannel`).
+ * the VM for good (`removeGuestAgentPort`).
  *
  * Knows the guest agent and QMP, not the driver's bookkeeping: driver.ts
  * decides whether a VM may be handed off and marks it.
  */
-import { rm } from 'node:fs/promises';
 import { SHA512_CRYPT_RE, SSHD_DROPIN_CONTENT, SSHD_DROPIN_PATH } from './cloud-config.js';
-import { removeGuestAgentChannel } from './argv.js';
+import { removeGuestAgentChannel, type QmpCommand } from './argv.js';
 import {
   assertHostname,
   fileClose,
@@ -147,17 +146,15 @@ export async function configureTenant(
 }
 
 /**
- * Take the guest-agent channel out of the VM: nobody can connect to it any
- * more once the socket file is gone (done first, it is instant), and the
- * port and chardev are removed from the running qemu. The port's unplug
- * finishes asynchronously, and until it has, qemu calls the chardev busy: the
- * removal is retried until `timeoutMs`. Resolves true when qemu confirmed
- * both removals; false (socket unlinked only) otherwise.
+ * Take the guest-agent port and its chardev out of the running qemu (the
+ * caller has already unlinked the socket file, so nobody can connect any
+ * more). The port's unplug finishes asynchronously, and until it has, qemu
+ * calls the chardev busy: its removal is retried until `timeoutMs`. Resolves
+ * true once qemu confirmed both, false otherwise.
  */
-export async function closeGuestAgentChannel(qgaSocket: string, qmpSocket: string, timeoutMs: number): Promise<boolean> {
-  await rm(qgaSocket, { force: true });
+export async function removeGuestAgentPort(qmpSocket: string, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
-  const [unplug, removeChardev] = removeGuestAgentChannel() as [ReturnType<typeof removeGuestAgentChannel>[number], ReturnType<typeof removeGuestAgentChannel>[number]];
+  const [unplug, removeChardev] = removeGuestAgentChannel() as [QmpCommand, QmpCommand];
   try {
     await runQmp(qmpSocket, [unplug], timeoutMs);
   } catch {

@@ -8,14 +8,14 @@
  * guest), so a VM is never handed to a second tenant, not even across an
  * agent restart.
  */
-import { rename, writeFile } from 'node:fs/promises';
+import { rename, rm, writeFile } from 'node:fs/promises';
 import type { Logger } from '../../util/logger.js';
 import type { PasswordHasher } from '../../util/password-hasher.js';
 import { DriverError, type IdleSpec, type ReadyResult, type TenantSpec, type WarmPoolSupport, type WorkloadHandle } from '../types.js';
 import { vmFile } from './argv.js';
 import { ping, isEmptyReturn } from './guest-agent-protocol.js';
 import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
-import { closeGuestAgentChannel, configureTenant, type HandOffTimings } from './handoff.js';
+import { configureTenant, removeGuestAgentPort, type HandOffTimings } from './handoff.js';
 import { consoleTail } from './readiness.js';
 
 /** vm.json's `warm` field: absent on cold VMs. */
@@ -97,7 +97,11 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     } catch {
       return Promise.reject(new DriverError('handoff_failed', 'invalid workload id'));
     }
-    return this.host.exclusive(id, () => this.handOffLocked(id, dir, tenant, opts));
+    // Resolves the moment login is open; the lock is held until qemu has let
+    // go of the channel too, so a destroy right after waits for that.
+    return new Promise<void>((resolve, reject) => {
+      this.host.exclusive(id, () => this.handOffLocked(id, dir, tenant, opts, resolve)).then(resolve, reject);
+    });
   }
 
   /** Drop what is kept about a VM (the driver calls this when it destroys one). */
@@ -105,7 +109,13 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     this.syncIds.delete(id);
   }
 
-  private async handOffLocked(id: string, dir: string, tenant: TenantSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void> {
+  private async handOffLocked(
+    id: string,
+    dir: string,
+    tenant: TenantSpec,
+    opts: { timeoutMs: number; signal?: AbortSignal },
+    loginOpen: () => void,
+  ): Promise<void> {
     const { host } = this;
     const log = host.logger.child({ workloadId: id });
     const t0 = performance.now();
@@ -135,14 +145,18 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
       session?.close();
       this.syncIds.delete(id);
     }
-    // Nothing is read from the guest agent any more: the channel is taken out.
+    // Nothing is read from the guest agent any more, and with the socket file
+    // gone nobody can connect to it: the tenant may be told now.
+    await rm(vmFile(dir, 'qgaSocket'), { force: true });
+    if (!failure) {
+      log.info({ phase: 'handoff', ms: Math.round(performance.now() - t0), steps: timings }, 'VM handed off');
+      loginOpen();
+    }
     const tClose = performance.now();
-    const removed = await closeGuestAgentChannel(vmFile(dir, 'qgaSocket'), vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS);
-    timings.close = Math.round(performance.now() - tClose);
-    // The socket file is gone either way: nobody can reach the agent. qemu keeping the port is worth a warning, not a failure.
-    if (!removed) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
+    // qemu keeping the port is worth a warning, not a failure: its socket is unlinked.
+    if (!(await removeGuestAgentPort(vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS))) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
+    else log.debug({ ms: Math.round(performance.now() - tClose) }, 'guest-agent port removed from qemu');
     if (failure) throw failure;
-    log.info({ phase: 'handoff', ms: Math.round(performance.now() - t0), steps: timings }, 'VM handed off');
   }
 
   private idsOf(id: string): Set<number> {
