@@ -220,6 +220,34 @@ describe('warm pool against a hostile guest agent', () => {
     }
   }, 180_000);
 
+  it('a hostname or key that tries injection is refused before the guest hears anything, and the VM stays idle', async () => {
+    const d = driver({ portRange: { from: 47550, to: 47559 } });
+    const h = await d.warm.createIdle({ id: 'inject', vcpus: 1, memoryMb: 256, diskGb: 1 });
+    try {
+      const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', GUEST_FILES);
+      try {
+        const bad: [Partial<TenantSpec>, RegExp][] = [
+          [{ hostname: 'x\nroot::0:0:99999:7:::' }, /hostname/],
+          [{ sshKeys: ['ssh-ed25519 AAAA k\ncommand="sh" ssh-ed25519 AAAA evil'] }, /key/],
+        ];
+        for (const [over, message] of bad) {
+          const err = await d.warm
+            .handOff('inject', { hostname: 'ok', rootPassword: PASSWORD, sshKeys: [], ...over }, { timeoutMs: 3_000 })
+            .catch((e: unknown) => e);
+          expect((err as DriverError).code).toBe('handoff_failed');
+          expect((err as DriverError).message).toMatch(message);
+        }
+        expect(fake.received).toEqual([]);
+        // A caller's bad value does not use the VM up.
+        expect((await d.readMeta('inject'))?.warm).toBe('idle');
+      } finally {
+        await fake.close();
+      }
+    } finally {
+      await d.destroy('inject');
+    }
+  }, 60_000);
+
   it('a cold VM has no guest-agent channel, and cannot be handed off', async () => {
     const d = driver({ portRange: { from: 47540, to: 47549 } });
     const h = await d.create({ id: 'cold', hostname: 'cold', vcpus: 1, memoryMb: 256, diskGb: 1, rootPassword: PASSWORD, sshKeys: [] });

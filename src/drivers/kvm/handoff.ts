@@ -50,6 +50,12 @@ const PROC_NET_READ_MAX = 16 * 1024;
 /** Per-step milliseconds of one hand-off, for logs and the bench. */
 export type HandOffTimings = Record<string, number>;
 
+/** Throws RangeError unless the tenant's hostname and keys can be sent as they are (checked again, the same way, before sending). */
+export function checkTenantAccess(tenant: Pick<TenantAccess, 'hostname' | 'sshKeys'>): void {
+  assertHostname(tenant.hostname);
+  setRootAuthorizedKeys(tenant.sshKeys);
+}
+
 /**
  * Run the hand-off's guest-agent commands on an open session. Every answer
  * is checked for its shape; anything else throws GuestAgentError.

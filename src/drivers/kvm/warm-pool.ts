@@ -15,7 +15,7 @@ import { DriverError, type IdleSpec, type ReadyResult, type TenantSpec, type War
 import { vmFile } from './argv.js';
 import { ping, isEmptyReturn } from './guest-agent-protocol.js';
 import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
-import { configureTenant, removeGuestAgentPort, type HandOffTimings } from './handoff.js';
+import { checkTenantAccess, configureTenant, removeGuestAgentPort, type HandOffTimings } from './handoff.js';
 import { consoleTail } from './readiness.js';
 
 /** vm.json's `warm` field: absent on cold VMs. */
@@ -125,6 +125,12 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
       throw new DriverError('handoff_failed', meta?.warm === 'handed-off' ? 'this VM was handed off before' : 'not an idle pool VM');
     }
     if (opts.signal?.aborted) throw new DriverError('handoff_failed', 'aborted');
+    try {
+      checkTenantAccess(tenant);
+    } catch (err) {
+      // The caller's bug, not the VM's: it stays idle for the next hand-off.
+      throw new DriverError('handoff_failed', (err as Error).message);
+    }
     if (!(await host.isRunning(id))) throw new DriverError('handoff_failed', 'the VM is not running');
     // Recorded before the guest hears anything: whatever happens next, this VM is never offered again.
     await writeMetaAtomically(vmFile(dir, 'meta'), { ...meta, warm: 'handed-off' });
@@ -139,7 +145,8 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
       const passwordHash = await hashing;
       await configureTenant(session, { hostname: tenant.hostname, passwordHash, sshKeys: tenant.sshKeys }, { deadline, earlierSyncIds: this.idsOf(id) }, timings);
     } catch (err) {
-      failure = new DriverError('handoff_failed', err instanceof GuestAgentError ? err.message : 'hand-off failed');
+      // A RangeError is the caller's value refused before anything was sent; its message holds no guest text.
+      failure = new DriverError('handoff_failed', err instanceof GuestAgentError || err instanceof RangeError ? err.message : 'hand-off failed');
       log.warn({ reason: err instanceof GuestAgentError ? err.reason : undefined, ms: Math.round(performance.now() - t0) }, `hand-off failed: ${failure.message}`);
     } finally {
       session?.close();
