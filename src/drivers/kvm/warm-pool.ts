@@ -8,33 +8,26 @@
  * guest), so a VM is never handed to a second tenant, not even across an
  * agent restart.
  */
-import { rename, rm, writeFile } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import type { Logger } from '../../util/logger.js';
 import type { PasswordHasher } from '../../util/password-hasher.js';
 import { DriverError, type IdleSpec, type ReadyResult, type TenantSpec, type WarmPoolSupport, type WorkloadHandle } from '../types.js';
-import { vmFile } from './argv.js';
+import { vmFile } from './workload-files.js';
+import { writeVmMeta, type VmMeta } from './vm-meta.js';
 import { ping, isEmptyReturn } from './guest-agent-protocol.js';
 import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
 import { checkTenantAccess, configureTenant, removeGuestAgentPort, type HandOffTimings } from './handoff.js';
 import { consoleTail } from './readiness.js';
 
-/** vm.json's `warm` field: absent on cold VMs. */
-export type WarmState = 'idle' | 'handed-off';
-
-/** The part of vm.json this module reads and rewrites. */
-export interface WarmMeta {
-  warm?: WarmState;
-}
-
 /** What the pool needs from the driver; the driver passes closures over its own internals. */
-export interface WarmPoolHost<M extends WarmMeta> {
+export interface WarmPoolHost {
   /** The driver's create path for an idle VM (its lock held, its cleanup on failure). */
   createIdle(spec: IdleSpec): Promise<WorkloadHandle>;
   waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
   /** Run `fn` while no create/destroy of the same id runs. */
   exclusive<T>(id: string, fn: () => Promise<T>): Promise<T>;
   workloadDir(id: string): string;
-  readMeta(id: string): Promise<M | undefined>;
+  readMeta(id: string): Promise<VmMeta | undefined>;
   isRunning(id: string): Promise<boolean>;
   readConsole(id: string): Promise<string>;
   hasher: PasswordHasher;
@@ -48,11 +41,11 @@ const IDLE_SYNC_TIMEOUT_MS = 5_000;
 /** Removing the channel over QMP is qemu's work, not the guest's: quick, but bounded. */
 const CHANNEL_CLOSE_TIMEOUT_MS = 3_000;
 
-export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
+export class KvmWarmPool implements WarmPoolSupport {
   /** Sync ids sent per VM, so that a late answer to one of our own timed-out syncs is not taken for a lie. */
   private readonly syncIds = new Map<string, Set<number>>();
 
-  constructor(private readonly host: WarmPoolHost<M>) {}
+  constructor(private readonly host: WarmPoolHost) {}
 
   createIdle(spec: IdleSpec): Promise<WorkloadHandle> {
     return this.host.createIdle(spec);
@@ -133,7 +126,7 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     }
     if (!(await host.isRunning(id))) throw new DriverError('handoff_failed', 'the VM is not running');
     // Recorded before the guest hears anything: whatever happens next, this VM is never offered again.
-    await writeMetaAtomically(vmFile(dir, 'meta'), { ...meta, warm: 'handed-off' });
+    await writeVmMeta(dir, { ...meta, warm: 'handed-off' });
 
     const timings: HandOffTimings = {};
     const hashing = host.hasher.hash(tenant.rootPassword);
@@ -171,10 +164,4 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     if (!ids) this.syncIds.set(id, (ids = new Set()));
     return ids;
   }
-}
-
-async function writeMetaAtomically(file: string, meta: object): Promise<void> {
-  const tmp = `${file}.tmp`;
-  await writeFile(tmp, `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
-  await rename(tmp, file);
 }
