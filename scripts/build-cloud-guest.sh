@@ -5,8 +5,10 @@
 # Debian/Ubuntu cloud image would get.
 #
 # Output (cached outside the repo, reused by every test run):
-#   ${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}/guests/cloud/
-#     vmlinuz  initrd.img  base.qcow2  append
+#   ${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}/guests/cloud-vN/
+#     vmlinuz  initrd.img  base.qcow2  append  version
+# (N = GUEST_VERSION: checkouts that expect different versions share one cache
+# without rebuilding each other's guest.)
 #
 # - Debian packages only, from the apt mirror this machine is configured with
 #   (override with PAYGRESS_DEBIAN_MIRROR / PAYGRESS_DEBIAN_SECURITY_MIRROR).
@@ -19,8 +21,12 @@ set -euo pipefail
 
 CACHE_DIR="${PAYGRESS_CACHE_DIR:-$HOME/.cache/paygress-agent}"
 GUESTS_DIR="$CACHE_DIR/guests"
-OUT_DIR="$GUESTS_DIR/cloud"
-OUTPUTS=(vmlinuz initrd.img base.qcow2 append)
+# Bump when the image's contents change: a cached build with another version is rebuilt.
+# Keep in step with CLOUD_GUEST_VERSION in test/support/cloud-guest.ts.
+# 2: qemu-guest-agent, so the warm pool can hand an idle VM to a tenant.
+GUEST_VERSION=2
+OUT_DIR="$GUESTS_DIR/cloud-v$GUEST_VERSION"
+OUTPUTS=(vmlinuz initrd.img base.qcow2 append version)
 # The root filesystem carries this label; the kernel finds it through the initrd.
 APPEND="root=LABEL=rootfs rw console=ttyS0"
 IMAGE_SIZE="${PAYGRESS_CLOUD_GUEST_SIZE:-2G}"
@@ -32,6 +38,7 @@ outputs_complete() {
   for f in "${OUTPUTS[@]}"; do
     [[ -s "$OUT_DIR/$f" ]] || return 1
   done
+  [[ "$(cat "$OUT_DIR/version")" == "$GUEST_VERSION" ]]
 }
 
 if outputs_complete; then
@@ -53,7 +60,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/debian-mirror.sh"
 
 mkdir -p "$GUESTS_DIR"
 # One build at a time: a second caller waits, then finds the outputs in place.
-exec 9>"$GUESTS_DIR/.cloud.lock"
+exec 9>"$GUESTS_DIR/.cloud-v$GUEST_VERSION.lock"
 flock 9
 if outputs_complete; then
   log "built by a concurrent run: $OUT_DIR"
@@ -62,7 +69,7 @@ if outputs_complete; then
 fi
 
 START=$(date +%s)
-WORK=$(mktemp -d "$GUESTS_DIR/.cloud-build.XXXXXX")
+WORK=$(mktemp -d "$GUESTS_DIR/.cloud-v$GUEST_VERSION-build.XXXXXX")
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 ROOTFS="$WORK/rootfs"
@@ -77,6 +84,9 @@ PACKAGES=(
   e2fsprogs
   # cloud-init's NoCloud datasource reads the seed ISO (volume id "cidata") via blkid + mount.
   util-linux
+  # The warm pool's hand-off channel (virtio-serial port org.qemu.guest_agent.0);
+  # its unit starts only when qemu offers that port, so cold VMs never run it.
+  qemu-guest-agent
 )
 
 log "mirror: $MIRROR  security: $SECURITY_MIRROR"
@@ -182,6 +192,7 @@ log "qemu-img convert -c"
 qemu-img convert -c -O qcow2 "$WORK/root.raw" "$STAGE/base.qcow2"
 rm -f "$WORK/root.raw"
 printf '%s\n' "$APPEND" >"$STAGE/append"
+printf '%s\n' "$GUEST_VERSION" >"$STAGE/version"
 chmod 0644 "$STAGE"/*
 chmod 0755 "$STAGE"
 

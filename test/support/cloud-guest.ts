@@ -1,7 +1,7 @@
 /**
- * The "cloud" test guest: Debian bookworm with real cloud-init 22.4 and
- * openssh-server, booted with -kernel/-initrd (see scripts/build-cloud-guest.sh
- * and docs/guest-images.md). Built once into the user cache, outside the repo.
+ * The "cloud" test guest: Debian bookworm with real cloud-init 22.4,
+ * openssh-server and qemu-guest-agent (for the warm pool), booted with
+ * -kernel/-initrd (see scripts/build-cloud-guest.sh and docs/guest-images.md). Built once into the user cache, outside the repo.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -28,10 +28,13 @@ export interface CloudGuest {
 export const DEFAULT_CLOUD_GUEST_APPEND = 'root=LABEL=rootfs rw console=ttyS0';
 
 export const CLOUD_GUEST_BUILD_SCRIPT = guestBuildScript('cloud');
+/** GUEST_VERSION in scripts/build-cloud-guest.sh: an older cached build is rebuilt. */
+export const CLOUD_GUEST_VERSION = '2';
 
 /** Where the guest lives; the same rule as the build script (PAYGRESS_CACHE_DIR or ~/.cache/paygress-agent). */
 export function cloudGuestPaths(env: NodeJS.ProcessEnv = process.env): CloudGuest {
-  const dir = guestDir('cloud', env);
+  // Versioned, as in the build script: checkouts expecting other versions share the cache.
+  const dir = `${guestDir('cloud', env)}-v${CLOUD_GUEST_VERSION}`;
   const appendFile = join(dir, 'append');
   const append = existsSync(appendFile) ? readFileSync(appendFile, 'utf8').trim() : DEFAULT_CLOUD_GUEST_APPEND;
   return {
@@ -46,7 +49,13 @@ export function cloudGuestPaths(env: NodeJS.ProcessEnv = process.env): CloudGues
 
 /** True when every output the build script makes is present. */
 export function cloudGuestBuilt(paths: CloudGuest = cloudGuestPaths()): boolean {
-  return [paths.kernel, paths.initrd, paths.baseImage, paths.appendFile].every(nonEmptyFile);
+  let version = '';
+  try {
+    version = readFileSync(join(paths.dir, 'version'), 'utf8').trim();
+  } catch {
+    return false;
+  }
+  return version === CLOUD_GUEST_VERSION && [paths.kernel, paths.initrd, paths.baseImage, paths.appendFile].every(nonEmptyFile);
 }
 
 /**

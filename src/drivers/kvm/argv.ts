@@ -8,6 +8,7 @@
  */
 import path from 'node:path';
 import { qemuOptionValue as opt, qemuPlainValue as plain } from './qemu-option.js';
+import { QGA_PORT_NAME } from './guest-agent-protocol.js';
 import { vmFile } from './workload-files.js';
 
 /**
@@ -52,6 +53,12 @@ export interface QemuArgs {
   network?: 'user' | 'restricted' | 'passt' | 'tap';
   /** With `network: 'tap'`. */
   tap?: { device: string; mac: string };
+  /**
+   * Give the guest a qemu guest-agent port (warm-pool VMs only, until their
+   * hand-off): virtio-serial port `org.qemu.guest_agent.0` on the unix
+   * socket `qga.sock` in the workload dir. Cold VMs never get one.
+   */
+  guestAgent?: boolean;
 }
 
 /** The serial console's chardev id, for QMP's ringbuf-read. */
@@ -123,6 +130,7 @@ export function buildQemuArgv(a: QemuArgs): string[] {
     if (a.initrd !== undefined) argv.push('-initrd', plain(a.initrd));
     if (a.append !== undefined) argv.push('-append', plain(a.append));
   }
+  if (a.guestAgent) argv.push(...guestAgentArgs(a.dir));
   // The agent's control channel; a unix socket in the workload's 0700 folder.
   argv.push('-qmp', `unix:${opt(vmFile(a.dir, 'qmpSocket'))},server=on,wait=off`);
   if (!a.seedAtStart) argv.push('-S');
@@ -130,6 +138,32 @@ export function buildQemuArgv(a: QemuArgs): string[] {
   // The daemonizing parent exits once the VM is set up; the pidfile exists by then.
   argv.push('-daemonize', '-pidfile', plain(vmFile(a.dir, 'pidfile')));
   return argv;
+}
+
+/** qemu ids of the guest-agent channel's parts, for removing them over QMP at hand-off. */
+export const GUEST_AGENT_CHARDEV = 'qga0';
+export const GUEST_AGENT_PORT = 'qgaport0';
+const GUEST_AGENT_BUS = 'qgaserial0';
+
+function guestAgentArgs(dir: string): string[] {
+  return [
+    // server=on,wait=off: qemu listens, the guest boots without a client; one client at a time.
+    '-chardev', `socket,id=${GUEST_AGENT_CHARDEV},path=${opt(vmFile(dir, 'qgaSocket'))},server=on,wait=off`,
+    '-device', `virtio-serial-pci,id=${GUEST_AGENT_BUS}`,
+    '-device', `virtserialport,bus=${GUEST_AGENT_BUS}.0,chardev=${GUEST_AGENT_CHARDEV},name=${QGA_PORT_NAME},id=${GUEST_AGENT_PORT}`,
+  ];
+}
+
+/**
+ * Take the guest-agent channel out of a running VM for good: unplug the port
+ * (the guest sees it vanish, and its qemu-ga unit, bound to the port's
+ * device, stops), then remove the chardev, which closes its listening socket.
+ */
+export function removeGuestAgentChannel(): QmpCommand[] {
+  return [
+    { execute: 'device_del', arguments: { id: GUEST_AGENT_PORT } },
+    { execute: 'chardev-remove', arguments: { id: GUEST_AGENT_CHARDEV } },
+  ];
 }
 
 export interface QmpCommand {

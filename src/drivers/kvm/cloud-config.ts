@@ -50,34 +50,26 @@ export const SSHD_DROPIN_CONTENT = 'PermitRootLogin yes\nPasswordAuthentication 
 export const FINAL_MESSAGE_PREFIX = 'paygress-cloud-init-done';
 
 const TOKEN_RE = /^[A-Za-z0-9_-]{8,128}$/;
-const HASH_RE = /^\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$/;
+/** A SHA-512 crypt hash (`$6$`), the only form a root password reaches a guest in. */
+export const SHA512_CRYPT_RE = /^\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$/;
 
 /** The line cloud-init will print on the console when done, for a given token. */
 export function finalMessageFor(token: string): string {
   return `${FINAL_MESSAGE_PREFIX} ${token}`;
 }
 
-/** The cloud-config as an object; exported so tests can compare the YAML round trip against it. */
-export function cloudConfigObject(input: CloudConfigInput): Record<string, unknown> {
-  // These two are ours, not the consumer's: a wrong shape is a programming error.
-  if (!HASH_RE.test(input.passwordHash)) throw new RangeError('passwordHash must be a SHA-512 crypt hash');
+/** What an idle warm-pool VM's seed is built from: no password, no keys (root stays locked until the hand-off). */
+export type IdleCloudConfigInput = Omit<CloudConfigInput, 'passwordHash' | 'sshKeys'>;
+
+/** What cold and idle VMs share: hostname, sshd open to root password login, host key types, the final message. */
+function commonCloudConfig(input: IdleCloudConfigInput): Record<string, unknown> {
   // final_message goes through cloud-init's `$var` templating: keep the token inert.
   if (!TOKEN_RE.test(input.finalMessageToken)) throw new RangeError('finalMessageToken must match [A-Za-z0-9_-]{8,128}');
-  const root: Record<string, unknown> = { name: 'root', lock_passwd: false };
-  if (input.sshKeys.length > 0) root.ssh_authorized_keys = [...input.sshKeys];
   return {
     hostname: input.hostname,
     preserve_hostname: false,
-    // A users list without `default`: no image default user (e.g. `debian`)
-    // is created, so no second sudo-capable account exists. For an existing
-    // user cloud-init 22.4's create_user skips useradd but still installs
-    // `ssh_authorized_keys` and honours lock_passwd; top-level
-    // `ssh_authorized_keys` would go to the default user as well.
-    users: [root],
     disable_root: false,
     ssh_pwauth: true,
-    // expire: false, else the first login fails with "Password change required but no TTY".
-    chpasswd: { expire: false, users: [{ name: 'root', password: input.passwordHash, type: 'hash' }] },
     // Stock Debian sshd says PermitRootLogin prohibit-password; write_files
     // runs in cloud-init's init stage, before sshd starts.
     write_files: [
@@ -87,6 +79,35 @@ export function cloudConfigObject(input: CloudConfigInput): Record<string, unkno
     ssh_genkeytypes: ['ed25519', 'ecdsa'],
     final_message: `${finalMessageFor(input.finalMessageToken)} cloud-init $version finished at $timestamp, up $uptime s`,
   };
+}
+
+/** The cloud-config as an object; exported so tests can compare the YAML round trip against it. */
+export function cloudConfigObject(input: CloudConfigInput): Record<string, unknown> {
+  // These two are ours, not the consumer's: a wrong shape is a programming error.
+  if (!SHA512_CRYPT_RE.test(input.passwordHash)) throw new RangeError('passwordHash must be a SHA-512 crypt hash');
+  const common = commonCloudConfig(input);
+  const root: Record<string, unknown> = { name: 'root', lock_passwd: false };
+  if (input.sshKeys.length > 0) root.ssh_authorized_keys = [...input.sshKeys];
+  return {
+    ...common,
+    // A users list without `default`: no image default user (e.g. `debian`)
+    // is created, so no second sudo-capable account exists. For an existing
+    // user cloud-init 22.4's create_user skips useradd but still installs
+    // `ssh_authorized_keys` and honours lock_passwd; top-level
+    // `ssh_authorized_keys` would go to the default user as well.
+    users: [root],
+    // expire: false, else the first login fails with "Password change required but no TTY".
+    chpasswd: { expire: false, users: [{ name: 'root', password: input.passwordHash, type: 'hash' }] },
+  };
+}
+
+/**
+ * An idle warm-pool VM: the same sshd settings as a cold VM, but root's
+ * password locked and no keys, so nobody can log in until the hand-off sets
+ * both through the guest agent. No default user either.
+ */
+export function idleCloudConfigObject(input: IdleCloudConfigInput): Record<string, unknown> {
+  return { ...commonCloudConfig(input), users: [{ name: 'root', lock_passwd: true }] };
 }
 
 /**
@@ -112,7 +133,7 @@ export function networkConfigObject(net: GuestNetwork): Record<string, unknown> 
   };
 }
 
-export function metaDataObject(input: CloudConfigInput): Record<string, unknown> {
+export function metaDataObject(input: Pick<CloudConfigInput, 'instanceId' | 'hostname'>): Record<string, unknown> {
   return { 'instance-id': input.instanceId, 'local-hostname': input.hostname };
 }
 
@@ -122,8 +143,16 @@ export function metaDataObject(input: CloudConfigInput): Record<string, unknown>
 export const SEED_YAML_OPTIONS = { version: '1.1', lineWidth: 0 } as const;
 
 export function buildCloudConfig(input: CloudConfigInput): SeedFiles {
+  return seedFiles(cloudConfigObject(input), input);
+}
+
+export function buildIdleCloudConfig(input: IdleCloudConfigInput): SeedFiles {
+  return seedFiles(idleCloudConfigObject(input), input);
+}
+
+function seedFiles(userData: Record<string, unknown>, input: IdleCloudConfigInput): SeedFiles {
   return {
-    userData: `#cloud-config\n${stringify(cloudConfigObject(input), SEED_YAML_OPTIONS)}`,
+    userData: `#cloud-config\n${stringify(userData, SEED_YAML_OPTIONS)}`,
     metaData: stringify(metaDataObject(input), SEED_YAML_OPTIONS),
     ...(input.network ? { networkConfig: stringify(networkConfigObject(input.network), SEED_YAML_OPTIONS) } : {}),
   };

@@ -15,6 +15,7 @@ import { LibcryptHasher, type PasswordHasher } from '../../util/password-hasher.
 import {
   DriverError,
   type ComputeDriver,
+  type IdleSpec,
   type WorkloadHandle,
   type ReadyResult,
   type WorkloadInspection,
@@ -24,7 +25,7 @@ import { resolveAccel } from './accel.js';
 import { attachSeedAndStart } from './argv.js';
 import { readVmMeta, type VmMeta } from './vm-meta.js';
 import { assertSocketPathsFit, isWorkloadId, vmFile, workloadDir } from './workload-files.js';
-import { buildCloudConfig, finalMessageFor } from './cloud-config.js';
+import { buildCloudConfig, buildIdleCloudConfig, finalMessageFor } from './cloud-config.js';
 import { tapNetworkOf, type KvmDriverConfig } from './config.js';
 import { PortAllocator } from './ports.js';
 import { SlotAllocator } from './slots.js';
@@ -38,6 +39,15 @@ import { runQmp } from './qmp.js';
 import { writeSeedIso } from './seed.js';
 import { notReady, probeHost, waitUntilReady } from './readiness.js';
 import { ConsoleLogs, DEFAULT_CONSOLE_LOG_BYTES } from './console-log.js';
+import { KvmWarmPool, type WarmPoolHost } from './warm-pool.js';
+
+/** An idle warm-pool VM as the create path sees it: no tenant yet, its id for a hostname. */
+type IdleLaunch = IdleSpec & { hostname: string; idle: true };
+type LaunchSpec = WorkloadSpec | IdleLaunch;
+
+function isIdle(spec: LaunchSpec): spec is IdleLaunch {
+  return 'idle' in spec;
+}
 
 export class KvmDriver implements ComputeDriver {
   readonly kind = 'kvm';
@@ -49,6 +59,8 @@ export class KvmDriver implements ComputeDriver {
   private readonly consoles: ConsoleLogs;
   /** Serialises create/destroy per id so a destroy never races a half-done create. */
   private readonly locks = new Map<string, Promise<unknown>>();
+  /** Booting idle VMs ahead of demand and handing them to tenants (warm-pool.ts). */
+  readonly warm: KvmWarmPool;
 
   constructor(
     private readonly config: KvmDriverConfig,
@@ -63,6 +75,7 @@ export class KvmDriver implements ComputeDriver {
     this.slots = config.network === 'tap' ? new SlotAllocator(tapNetworkOf(config)) : undefined;
     this.overlays = new OverlayTemplates(config, config.overlayTemplateDir);
     this.consoles = new ConsoleLogs(config.consoleLogBytes ?? DEFAULT_CONSOLE_LOG_BYTES, logger);
+    this.warm = new KvmWarmPool(this.warmPoolHost());
   }
 
   vmName(id: string): string {
@@ -99,7 +112,29 @@ export class KvmDriver implements ComputeDriver {
     return this.withLock(spec.id, () => this.createLocked(spec));
   }
 
-  private async createLocked(spec: WorkloadSpec): Promise<WorkloadHandle> {
+  /** What the warm pool may use of this driver. */
+  private warmPoolHost(): WarmPoolHost {
+    return {
+      createIdle: (spec) => {
+        try {
+          assertId(spec.id);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        return this.withLock(spec.id, () => this.createLocked({ ...spec, hostname: spec.id, idle: true }));
+      },
+      waitReady: (id, opts) => this.waitReady(id, opts),
+      exclusive: (id, fn) => this.withLock(id, fn),
+      workloadDir: (id) => this.workloadDir(id),
+      readMeta: (id) => this.readMeta(id),
+      isRunning: async (id) => (await this.inspect(id)).state === 'running',
+      readConsole: (id) => this.readConsole(id),
+      hasher: this.hasher,
+      logger: this.logger,
+    };
+  }
+
+  private async createLocked(spec: LaunchSpec): Promise<WorkloadHandle> {
     const { config, logger } = this;
     const id = spec.id;
     const name = this.vmName(id);
@@ -127,7 +162,7 @@ export class KvmDriver implements ComputeDriver {
         await this.createOverlay(dir, spec.diskGb);
         log.info({ phase: 'overlay', ms: Date.now() - overlayStart }, 'disk overlay created');
         const host = { config, accel: await this.resolvedAccel(), ports: this.ports };
-        return launchVm({ dir, name, uuid, readyToken, spec, log, slot }, host, revert);
+        return launchVm({ dir, name, uuid, readyToken, spec, log, slot, idle: isIdle(spec) }, host, revert);
       })();
       const [seedDone, launchDone] = await Promise.allSettled([seed, launch]);
       if (launchDone.status === 'rejected') throw launchDone.reason;
@@ -169,16 +204,14 @@ export class KvmDriver implements ComputeDriver {
   /** Hash the password, write the NoCloud seed ISO. The plaintext lives only in `spec`; from here on only its hash exists. */
   private async writeSeed(
     dir: string,
-    spec: WorkloadSpec,
+    spec: LaunchSpec,
     ids: { readyToken: string; instanceId: string; slot?: TapSlot },
     log: Logger,
   ): Promise<void> {
     const { slot } = ids;
     const seedStart = Date.now();
-    const files = buildCloudConfig({
+    const common = {
       hostname: spec.hostname,
-      passwordHash: await this.hasher.hash(spec.rootPassword),
-      sshKeys: spec.sshKeys,
       finalMessageToken: ids.readyToken,
       instanceId: ids.instanceId,
       network: slot && {
@@ -187,7 +220,11 @@ export class KvmDriver implements ComputeDriver {
         gateway: slot.hostAddress,
         dns: this.config.tap!.dnsResolver,
       },
-    });
+    };
+    // An idle VM gets no password and no keys: root stays locked until its hand-off.
+    const files = isIdle(spec)
+      ? buildIdleCloudConfig(common)
+      : buildCloudConfig({ ...common, passwordHash: await this.hasher.hash(spec.rootPassword), sshKeys: spec.sshKeys });
     try {
       await writeSeedIso({ dir, isoTool: this.config.isoTool, files, output: vmFile(dir, 'seed') });
     } catch (err) {
@@ -247,6 +284,7 @@ export class KvmDriver implements ComputeDriver {
     }
     await rm(dir, { recursive: true, force: true });
     this.consoles.forget(id);
+    this.warm.forget(id);
     if (meta?.slot !== undefined) this.slots?.release(meta.slot);
     else if (meta) this.ports.release(meta.sshPort);
     if (existed) log.info({ phase: 'destroy', ms: Date.now() - t0 }, 'workload destroyed');

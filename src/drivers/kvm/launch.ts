@@ -39,9 +39,11 @@ export interface LaunchingVm {
   name: string;
   uuid: string;
   readyToken: string;
-  spec: WorkloadSpec;
+  spec: Pick<WorkloadSpec, 'id' | 'vcpus' | 'memoryMb'>;
   log: Logger;
   slot?: TapSlot;
+  /** An idle warm-pool VM: it gets a guest-agent channel, and vm.json says `warm: idle`. */
+  idle?: boolean;
 }
 
 /** The driver's side of a launch. */
@@ -121,7 +123,10 @@ async function startOnPort(
   const { dir, name, uuid, readyToken, spec, log, slot } = vm;
   const network = config.network ?? 'restricted';
   const nice = config.guestNice ?? 0;
-  const meta: VmMeta = { id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken };
+  const meta: VmMeta = {
+    id: spec.id, name, uuid, sshPort: port, ...(slot ? { slot: slot.index } : {}), createdAt: new Date().toISOString(), readyToken,
+    ...(vm.idle ? { warm: 'idle' as const } : {}),
+  };
   await writeVmMeta(dir, meta);
 
   if (network === 'passt') {
@@ -158,6 +163,7 @@ async function startOnPort(
     append: config.append,
     network,
     tap: slot && { device: slot.tap, mac: slot.mac },
+    guestAgent: vm.idle ?? false,
   });
   // Even a launcher that fails may leave a daemonized child behind.
   taken.add(() => stopVm(name, dir, config.stopTimeoutMs));

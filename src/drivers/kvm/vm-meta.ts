@@ -3,7 +3,7 @@
  * enough to find, probe and stop it later (after an agent restart too).
  * No secrets.
  */
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, rename, writeFile } from 'node:fs/promises';
 import { vmFile } from './workload-files.js';
 
 export interface VmMeta {
@@ -16,10 +16,18 @@ export interface VmMeta {
   createdAt: string;
   /** Appears in cloud-init's final message on the serial console. Not a secret. */
   readyToken: string;
+  /** Warm-pool VMs only (warm-pool.ts): `idle` until a hand-off starts, then `handed-off`. */
+  warm?: WarmState;
 }
 
+/** A warm-pool VM's state in vm.json: absent on cold VMs. */
+export type WarmState = 'idle' | 'handed-off';
+
+/** Written whole or not at all (a rename): a hand-off rewrites it on a running VM. */
 export async function writeVmMeta(dir: string, meta: VmMeta): Promise<void> {
-  await writeFile(vmFile(dir, 'meta'), `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+  const file = vmFile(dir, 'meta');
+  await writeFile(`${file}.tmp`, `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
+  await rename(`${file}.tmp`, file);
 }
 
 /** The workload's metadata, or undefined when missing or unreadable. */

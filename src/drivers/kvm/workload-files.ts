@@ -36,6 +36,8 @@ export const VM_FILES = {
   passtSocket: { name: 'passt.sock', socket: true },
   passtPidfile: { name: 'passt.pid' },
   passtLog: { name: 'passt.log' },
+  /** The qemu guest agent's channel of an idle warm-pool VM (warm-pool.ts); unlinked at its hand-off. */
+  qgaSocket: { name: 'qga.sock', socket: true },
 } as const satisfies Record<string, { name: string; socket?: true }>;
 
 export type VmFileKey = keyof typeof VM_FILES;
