@@ -144,8 +144,7 @@ export class KvmDriver implements ComputeDriver {
     const revert = new Reverter((err) => log.error({ err }, 'a cleanup step after a failed create failed'));
 
     try {
-      await this.makeWorkloadDir(dir, id);
-      revert.add(() => rm(dir, { recursive: true, force: true }));
+      await this.makeWorkloadDir(dir, id, revert);
       // The seed carries the slot's addresses, so the slot is taken before both branches below.
       const slot = await this.allocateSlot();
       if (slot) revert.add(() => this.slots!.release(slot.index));
@@ -186,8 +185,8 @@ export class KvmDriver implements ComputeDriver {
     }
   }
 
-  /** The workload's own 0700 folder; refuses one that exists (another workload's, or a leftover). */
-  private async makeWorkloadDir(dir: string, id: string): Promise<void> {
+  /** The workload's own 0700 folder; refuses one that exists (another workload's, or a leftover). Its removal is registered the moment it exists. */
+  private async makeWorkloadDir(dir: string, id: string, revert: Reverter): Promise<void> {
     await mkdir(this.config.vmRoot, { recursive: true, mode: 0o700 });
     try {
       await mkdir(dir, { mode: 0o700 });
@@ -197,6 +196,7 @@ export class KvmDriver implements ComputeDriver {
       }
       throw err;
     }
+    revert.add(() => rm(dir, { recursive: true, force: true }));
     // mkdir's mode is filtered by the umask; make it exactly 0700.
     await chmod(dir, 0o700);
   }

@@ -130,6 +130,8 @@ async function startOnPort(
   await writeVmMeta(dir, meta);
 
   if (network === 'passt') {
+    // Registered before the launch: a launch that throws may still leave a passt running (stopPasst finds it by socket).
+    taken.add(() => stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), config.stopTimeoutMs));
     const passt = await launchPasst({
       dir,
       binary: config.passtBinary ?? 'passt',
@@ -142,7 +144,6 @@ async function startOnPort(
     if (passt === 'port-taken') {
       return { portTaken: new DriverError('launch_failed', `passt could not bind SSH port ${port}`) };
     }
-    taken.add(() => stopPasst(vmFile(dir, 'passtSocket'), vmFile(dir, 'passtPidfile'), config.stopTimeoutMs));
   }
 
   // Empty until the driver drains the console ring into it; 0600 like everything here.
