@@ -37,7 +37,6 @@ export interface SeenStoreOptions {
   onWriteError?: (what: 'append' | 'compact' | 'sync', err: NodeJS.ErrnoException) => void;
 }
 
-
 export class SeenStore {
   private readonly file: string;
   private readonly seen = new Map<string, number>();
