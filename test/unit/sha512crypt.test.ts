@@ -32,7 +32,7 @@ describe('sha512crypt', () => {
       .filter((s) => !/[\n\r\0]/.test(s));
     // Each range of UTF-8 lengths once for sure: ASCII, 2-byte, 3-byte (BMP), 4-byte (astral), and mixed.
     const planes = ['plain ascii', 'héllo wörld', '日本語のパスワード', '😀🔐𝄞', 'a é 中 😀'];
-    const passwords = [...planes, ...fc.sample(password, 35)];
+    const passwords = [...planes, ...fc.sample(password, 15)];
     // Passwords on stdin keep argv free of them; one openssl run per salt (salts are not secret),
     // each hashing a batch of passwords, one per line.
     for (let i = 0; i < passwords.length; i += 10) {
