@@ -80,7 +80,9 @@ async function waitFor(cond: () => boolean, what: string): Promise<void> {
 
 describe('UnwrapPool', () => {
   it('answers exactly as openDm on random valid events, on the main thread and in workers', async () => {
-    const contents = fc.sample(fc.string({ unit: 'binary', minLength: 1, maxLength: 300 }), 40);
+    // Each range of UTF-8 lengths, a NUL and a lone surrogate for sure, then random code points.
+    const classes = ['a', 'é', '中文', '😀', '\u0000', 'x\ud800y'];
+    const contents = [...classes, ...fc.sample(fc.string({ unit: 'binary', minLength: 1, maxLength: 300 }), 18)];
     const events = validEvents(contents);
     const expected = events.map((e) => openDm(wire(e), me, mePub));
     expect(expected.every((r) => r.ok)).toBe(true);
