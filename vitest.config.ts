@@ -18,6 +18,8 @@ export default defineConfig({
           // and the WASM verifier again each: about 40 % of the loop's CPU time.
           // So a unit test must leave no global state behind (restore timers, stop what it starts).
           isolate: false,
+          // The default (cores − 1) is one worker on this 2-core machine: the files would run one after another.
+          maxWorkers: 2,
           sequence: { groupOrder: 0 },
         },
       },

@@ -121,6 +121,26 @@ export interface StopResults {
   qemu_gone_p95_ms: number;
 }
 
+export interface WarmResults {
+  samples: number;
+  pool_size: number;
+  plan: { vcpus: number; memoryMb: number; diskGb: number };
+  /** DM sent → `ready` received. */
+  pool_ready_p50_ms: number;
+  pool_ready_p95_ms: number;
+  cold_ready_p50_ms: number;
+  cold_ready_p95_ms: number;
+  /** DM sent → `access_details` received. */
+  pool_access_p50_ms: number;
+  cold_access_p50_ms: number;
+  speedup_p50: number;
+  pool_samples_ms: number[];
+  cold_samples_ms: number[];
+  idle_cpu_pct_per_vm: number;
+  idle_rss_mb_per_vm: number;
+  guest: string;
+}
+
 export interface BenchResults {
   started_at: string;
   finished_at: string;
@@ -133,12 +153,13 @@ export interface BenchResults {
   b3_unwrap: UnwrapResults;
   b4_memory: MemoryResults;
   b5_stop: StopResults;
+  b6_warm?: WarmResults;
 }
 
-/** Write the record as bench/results/<start time>.json; returns the path. */
-export function writeResults(dir: string, results: BenchResults): string {
+/** Write the record as bench/results/<start time><suffix>.json; returns the path. */
+export function writeResults(dir: string, results: { started_at: string }, suffix = ''): string {
   mkdirSync(dir, { recursive: true });
-  const file = path.join(dir, `${results.started_at.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`);
+  const file = path.join(dir, `${results.started_at.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}${suffix}.json`);
   writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
   return file;
 }

@@ -13,7 +13,9 @@
  *      openDm) against nostr-tools' nip17.unwrapEvent on the same 1000 wraps,
  *      and against @rust-nostr/nostr-sdk (a dev dependency) when installed;
  *   B4 agent RSS idle and with 5 live leases (/proc/<pid>/status);
- *   B5 stop: DM sent → qemu gone → reply received.
+ *   B5 stop: DM sent → qemu gone → reply received;
+ *   B6 warm pool: DM sent → `ready` from the pool beside a cold boot of the same
+ *      plan (the cloud guest, a second agent), and an idle pool VM's cost (warm.ts).
  * Prints a table (report.ts) and writes bench/results/<timestamp>.json
  * (results.ts). Phase times come from the agent's log through the documented
  * contract (phases.ts, docs/logs.md). Everything it starts (agent, relay,
@@ -28,7 +30,8 @@
  * adds ~40 MB of RSS that B4 would otherwise charge to the agent.
  *
  * Environment: BENCH_SPAWNS (default 20), BENCH_WRAPS (default 1000),
- * BENCH_SOURCE=1 (run the TypeScript source under tsx, skip the build).
+ * BENCH_WARM_SAMPLES (default 5; each takes a cold cloud boot), BENCH_ONLY=warm
+ * (B6 alone), BENCH_SOURCE=1 (run the TypeScript source under tsx, skip the build).
  */
 import { execa } from 'execa';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
@@ -42,14 +45,16 @@ import { findPids, processArgv, stopIdentified } from '../src/drivers/kvm/proces
 import { startAgentProcess, type AgentProcess } from '../test/support/agent-process.js';
 import { startRelay, type LocalRelay } from '../test/support/relay.js';
 import { ensureTinyGuest, type TinyGuest } from '../test/support/tiny-guest.js';
+import { ensureCloudGuest } from '../test/support/cloud-guest.js';
 import { floorOnce, prepareFloor, writeFloorSeed, type FloorSample } from './floor.js';
 import { machine, procStatusKb } from './machine.js';
 import { spawnPhasesOf, type SpawnPhases } from './phases.js';
-import { table } from './report.js';
-import { writeResults, type BenchResults, type BurstResults, type MemoryResults, type SpawnResults, type StopResults } from './results.js';
+import { table, warmTable } from './report.js';
+import { writeResults, type BenchResults, type BurstResults, type MemoryResults, type SpawnResults, type StopResults, type WarmResults } from './results.js';
 import { spawnOnce, stopOnce, type SpawnSample, type StopSample } from './spawn.js';
 import { p50, p95, r1, r2, spread } from './stats.js';
 import { benchUnwrap } from './unwrap.js';
+import { measureWarm, WARM_PLANS } from './warm.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SPAWNS = Math.max(20, Number(process.env.BENCH_SPAWNS ?? 20));
@@ -57,7 +62,10 @@ const WRAPS = Math.max(100, Number(process.env.BENCH_WRAPS ?? 1000));
 const BURST = 10;
 const LIVE_LEASES = 5;
 /** Ports well away from the tests' ranges; the floor has its own slice (floor.ts). */
-const AGENT_PORTS = { from: 47100, to: 47199 };
+const AGENT_PORTS = { from: 47100, to: 47179 };
+const WARM_AGENT_PORTS = { from: 47180, to: 47199 };
+const WARM_SAMPLES = Math.max(1, Number(process.env.BENCH_WARM_SAMPLES ?? 5));
+const ONLY_WARM = process.env.BENCH_ONLY === 'warm';
 const FROM_SOURCE = process.env.BENCH_SOURCE === '1';
 /** Config `limits` for the bench's agent: the defaults (30/min, 4 spawns in flight, 8 vCPUs/core-pair) would refuse the load. */
 const BENCH_LIMITS = {
@@ -281,7 +289,54 @@ async function measureBurst(ctx: Ctx, singleP50Ms: number, floorP50Ms: number, r
   };
 }
 
+/** B6 on its own agent: the cloud guest, a pooled and a cold plan of the same size. */
+async function measureWarmPool(ctx: Pick<Ctx, 'root' | 'relay' | 'clients'>): Promise<WarmResults> {
+  const guest = await ensureCloudGuest();
+  mkdirSync(path.join(ctx.root, 'warm-agent'), { mode: 0o700 });
+  const agent = await startAgentProcess({
+    relays: [ctx.relay.url],
+    guest: { kernel: guest.kernel, initrd: guest.initrd, append: guest.append, baseImage: guest.baseImage, readiness: 'cloud-init' },
+    portRange: WARM_AGENT_PORTS,
+    root: path.join(ctx.root, 'warm-agent'),
+    overrides: { logLevel: 'info', limits: BENCH_LIMITS, plans: WARM_PLANS, defaultPlan: 'cold' },
+    compiled: !FROM_SOURCE,
+  });
+  cleanups.push(() => agent.stop());
+  const client = new ConsumerClient({ sk: generateSecretKey(), provider: agent.pubkey, relays: [ctx.relay.url] });
+  ctx.clients.push(client);
+  await client.start();
+  const warm = await measureWarm(agent, client, WARM_SAMPLES, (line) => console.error(line));
+  await agent.stop();
+  return warm;
+}
+
+/** BENCH_ONLY=warm: B6 alone, written and printed on its own. */
+async function mainWarmOnly(): Promise<void> {
+  const started = new Date();
+  const loadBefore = os.loadavg();
+  const root = mkdtempSync(path.join(os.tmpdir(), 'pga-bench-'));
+  cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+  cleanups.push(() => stopAllMentioning(root));
+  if (!FROM_SOURCE) {
+    const build = await execa('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: path.join(HERE, '..'), reject: false, all: true });
+    if (build.exitCode !== 0) throw new Error(`npm run build failed:\n${String(build.all).slice(0, 4000)}`);
+  }
+  const relay = await startRelay();
+  cleanups.push(() => relay.stop());
+  const clients: ConsumerClient[] = [];
+  cleanups.push(async () => {
+    await Promise.allSettled(clients.map((c) => c.close()));
+  });
+  const b6 = await measureWarmPool({ root, relay, clients });
+  const m = await machine();
+  const record = { started_at: started.toISOString(), finished_at: new Date().toISOString(), machine: m, load_average: { before: loadBefore.map(r2), after: os.loadavg().map(r2) }, b6_warm: b6 };
+  const file = writeResults(path.join(HERE, 'results'), record, '-warm');
+  console.log(warmTable(b6, m));
+  console.log(`\nwritten: ${path.relative(process.cwd(), file)}`);
+}
+
 async function main(): Promise<void> {
+  if (ONLY_WARM) return mainWarmOnly();
   const started = new Date();
   const loadBefore = os.loadavg();
   const ctx = await setUp();
@@ -300,6 +355,10 @@ async function main(): Promise<void> {
   console.error(`bench: B3 unwrapping ${WRAPS} wraps both ways...`);
   const unwrap = await benchUnwrap(WRAPS);
 
+  // B6 last: its cloud guests would load the machine under every other measure.
+  await ctx.agent.stop();
+  const warm = await measureWarmPool(ctx);
+
   const results: BenchResults = {
     started_at: started.toISOString(),
     finished_at: new Date().toISOString(),
@@ -311,6 +370,7 @@ async function main(): Promise<void> {
     b3_unwrap: unwrap,
     b4_memory: memory,
     b5_stop: sequential.stop,
+    b6_warm: warm,
   };
   const file = writeResults(path.join(HERE, 'results'), results);
   console.log(table(results));

@@ -9,11 +9,12 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
+import { HEX64 } from '../util/hex.js';
 import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const InflightSchema = z.object({
-  requestId: z.string().regex(/^[0-9a-f]{64}$/),
-  sender: z.string().regex(/^[0-9a-f]{64}$/),
+  requestId: z.string().regex(HEX64),
+  sender: z.string().regex(HEX64),
   channel: z.string(),
   workloadId: z.string().regex(WORKLOAD_ID_PATTERN),
   driver: z.string(),

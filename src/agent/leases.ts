@@ -9,13 +9,14 @@ import { basename, join } from 'node:path';
 import { z } from 'zod';
 import { ISOLATION_LEVELS } from '../protocol/isolation.js';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
+import { HEX64 } from '../util/hex.js';
 import { KeyedTurns } from '../util/keyed-turns.js';
 import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
 export const LeaseSchema = z.object({
   workloadId: z.string().regex(WORKLOAD_ID_PATTERN),
   /** Hex pubkey of the key that spawned it: the only key that may stop it or read its status. */
-  owner: z.string().regex(/^[0-9a-f]{64}$/),
+  owner: z.string().regex(HEX64),
   requestId: z.string(),
   /** Transport channel the owner used; unprompted notices (expiry) go back on it. */
   channel: z.string(),
@@ -105,4 +106,9 @@ export class LeaseStore {
     await writeFileAtomicAsync(join(this.dir, `${lease.workloadId}.json`), `${JSON.stringify(lease, null, 2)}\n`);
     this.leases.set(lease.workloadId, lease);
   }
+}
+
+/** Whole seconds until the lease ends; 0 once it has. */
+export function secondsLeft(lease: Pick<Lease, 'expiresAt'>, now = Date.now()): number {
+  return Math.max(0, Math.floor((Date.parse(lease.expiresAt) - now) / 1000));
 }

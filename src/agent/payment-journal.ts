@@ -16,15 +16,15 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { WORKLOAD_ID_PATTERN } from '../protocol/requests.js';
+import { HEX64 } from '../util/hex.js';
 import { readJsonRecords, writeFileAtomicAsync } from '../util/atomic-file.js';
 
-const HEX64 = /^[0-9a-f]{64}$/;
 /** A request id, or `<request id>.boot` for the refund of a paid workload that never booted. */
-const REF = /^[0-9a-f]{64}(\.boot)?$/;
+const isRef = (ref: string): boolean => HEX64.test(ref.endsWith('.boot') ? ref.slice(0, -'.boot'.length) : ref);
 
 export const PaymentRecordSchema = z.object({
   /** The request's id; also the `ref` handed to the wallet for its swap and refund. */
-  ref: z.string().regex(REF),
+  ref: z.string().refine(isRef),
   kind: z.enum(['spawn', 'topup']),
   sender: z.string().regex(HEX64),
   channel: z.string(),

@@ -19,6 +19,7 @@
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
+import { HEX64 } from '../util/hex.js';
 import { writeAllSync, writeFileAtomic } from '../util/atomic-file.js';
 
 export type ClaimResult = 'claimed' | 'duplicate' | 'unrecorded';
@@ -35,9 +36,6 @@ export interface SeenStoreOptions {
   /** Called when the log cannot be written or compacted, with what was being done. */
   onWriteError?: (what: 'append' | 'compact' | 'sync', err: NodeJS.ErrnoException) => void;
 }
-
-/** Ids are event ids / rumor ids: 64 hex. Anything else in the log is a torn or foreign line. */
-const ID_RE = /^[0-9a-f]{64}$/;
 
 export class SeenStore {
   private readonly file: string;
@@ -74,7 +72,7 @@ export class SeenStore {
       for (const line of text.split('\n')) {
         const [ts, id] = line.split(' ');
         const t = Number(ts);
-        if (id && ID_RE.test(id) && Number.isFinite(t) && t >= cutoff) this.seen.set(id, t);
+        if (id && HEX64.test(id) && Number.isFinite(t) && t >= cutoff) this.seen.set(id, t);
         if (line) this.lines++;
       }
       this.torn = text.length > 0 && !text.endsWith('\n');

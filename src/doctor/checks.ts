@@ -15,6 +15,7 @@ import { BaseImageError, ensureBaseImage, humanBytes } from '../drivers/kvm/base
 import { kvmUsable } from '../drivers/kvm/accel.js';
 import { probeGuest } from '../drivers/kvm/kvm-probe.js';
 import { canBind } from '../drivers/kvm/ports.js';
+import { isWorkloadId, vmFile, workloadDir } from '../drivers/kvm/workload-files.js';
 import { npubOf, pubkeyOf, readKeyFile } from '../nostr/keys.js';
 import { freeBytesUnder } from '../util/free-space.js';
 import { silentLogger } from '../util/logger.js';
@@ -278,7 +279,9 @@ async function ownPorts(vmRoot: string): Promise<Set<number>> {
   const ports = new Set<number>();
   const entries = await readdir(vmRoot).catch(() => [] as string[]);
   for (const id of entries) {
-    const meta = await readFile(path.join(vmRoot, id, 'vm.json'), 'utf8').catch(() => undefined);
+    // The driver's own folders only (it ignores anything else under vmRoot).
+    if (!isWorkloadId(id)) continue;
+    const meta = await readFile(vmFile(workloadDir(vmRoot, id), 'meta'), 'utf8').catch(() => undefined);
     if (!meta) continue;
     try {
       const p = (JSON.parse(meta) as { sshPort?: unknown }).sshPort;

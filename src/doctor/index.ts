@@ -6,6 +6,7 @@ import type { Config } from '../config/schema.js';
 import { checkAccel, checkBaseImage, checkDiskSpace, checkKeyFile, checkPorts, checkPublicHost, checkRelays, checkTools, checkWritableDir } from './checks.js';
 import type { CheckResult } from './report.js';
 import { checkPasst, networkModeRow, netStatusRows } from '../hostnet/checks.js';
+import { checkGuestAgentImage } from './guest-agent-image.js';
 import { tapNetworkOf } from '../drivers/kvm/config.js';
 
 export { hasBlocker, renderTable, type CheckResult, type CheckStatus } from './report.js';
@@ -28,6 +29,9 @@ export async function runChecks(cfg: Config, opts: DoctorOptions): Promise<Check
     rows.push(await checkAccel(kvm, { device: opts.kvmDevice, probeUnused: doctor }));
     rows.push(...(await checkTools(kvm)));
     rows.push(...(await checkBaseImage(kvm)));
+    // Seconds of qemu-img convert: only when asked, not at every start.
+    const guestAgent = doctor ? await checkGuestAgentImage(kvm, cfg.plans) : undefined;
+    if (guestAgent) rows.push(guestAgent);
   }
   rows.push(await checkKeyFile(cfg.provider.keyFile));
   rows.push(await checkWritableDir('state dir', 'stateDir', cfg.stateDir));

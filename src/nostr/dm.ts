@@ -18,7 +18,8 @@ import {
   verifySignedEvent,
   wasVerified,
 } from './fast-crypto.js';
-import { HEX64, isTags, isTimestamp, parseSignedEvent } from './event-shape.js';
+import { HEX64 } from '../util/hex.js';
+import { isTags, isTimestamp, parseSignedEvent } from './event-shape.js';
 import { parsePublicKey } from './keys.js';
 import type { DmChannel, IncomingDm, NostrEvent } from './types.js';
 

@@ -9,10 +9,8 @@
  * whose signature still verifies, and such a field must never reach a queue,
  * a worker's structured clone or a log.
  */
+import { HEX128, HEX64 } from '../util/hex.js';
 import type { NostrEvent } from './types.js';
-
-export const HEX64 = /^[0-9a-f]{64}$/;
-export const HEX128 = /^[0-9a-f]{128}$/;
 
 /**
  * Bounds on what one event may carry. A NIP-44 plaintext is at most 64 KiB;

@@ -32,7 +32,7 @@ import { base64 } from '@scure/base';
 import { finalizeEvent as jsFinalizeEvent, verifyEvent as jsVerifyEvent, type EventTemplate } from 'nostr-tools/pure';
 import * as nip04 from 'nostr-tools/nip04';
 import * as nip44 from 'nostr-tools/nip44';
-import { HEX64, HEX128 } from './event-shape.js';
+import { HEX64, HEX128 } from '../util/hex.js';
 import type { NostrEvent } from './types.js';
 
 interface WasmVerifier {
@@ -65,8 +65,7 @@ async function loadWasm(): Promise<WasmVerifier | undefined> {
  * The module's bytes, decoded by Buffer. nostr-wasm's own initNostrWasm decodes
  * its embedded base64 through `atob(..).split('').map(..)`: an array of ~220k
  * one-character strings that grows the heap by several MB, and V8 keeps those
- * pages, so an idle agent stayed ~7 MB larger (measured: +19.4 MB RSS for
- * import + init that way, +12.5 MB this way). undefined when the layout of the
+ * pages, so an idle agent stays larger (docs/performance.md). undefined when the layout of the
  * (pinned) package is not the expected one: initNostrWasm is used then.
  */
 function wasmBytes(name: string): Uint8Array | undefined {

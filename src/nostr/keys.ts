@@ -10,13 +10,13 @@ import { dirname } from 'node:path';
 import { generateSecretKey } from 'nostr-tools/pure';
 import { decode, npubEncode, nsecEncode } from 'nostr-tools/nip19';
 import { bytesToHex, hexToBytes } from '@noble/hashes/utils.js';
+import { HEX64 } from '../util/hex.js';
 import { fastPublicKey } from './fast-crypto.js';
 
 export { generateSecretKey };
 
 /** The secp256k1 group order: a valid secret key is in [1, N-1]. */
 const CURVE_N = 0xfffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141n;
-const HEX64 = /^[0-9a-fA-F]{64}$/;
 
 export class KeyFormatError extends Error {
   override name = 'KeyFormatError';
@@ -51,7 +51,7 @@ export function parseSecretKey(s: string): Uint8Array {
     if (decoded.type !== 'nsec') throw new KeyFormatError('secret key must be an nsec');
     return checkScalar(decoded.data);
   }
-  if (HEX64.test(t)) return checkScalar(hexToBytes(t.toLowerCase()));
+  if (HEX64.test(t.toLowerCase())) return checkScalar(hexToBytes(t.toLowerCase()));
   throw new KeyFormatError('secret key must be an nsec1… string or 64 hex characters');
 }
 
@@ -72,7 +72,7 @@ export function parsePublicKey(s: string): string {
     return decoded.data;
   }
   if (t.startsWith('nsec1')) throw new KeyFormatError('expected a public key (npub) but got a secret key (nsec); never share an nsec');
-  if (HEX64.test(t)) return t.toLowerCase();
+  if (HEX64.test(t.toLowerCase())) return t.toLowerCase();
   throw new KeyFormatError('public key must be an npub1… string or 64 hex characters');
 }
 

@@ -1,6 +1,6 @@
 /**
  * Opens DMs (`openDm`) off the main thread when they arrive faster than one
- * thread can open them (issue 7: a flood of DMs must not starve the event loop).
+ * thread can open them: a flood of DMs must not starve the event loop.
  *
  * Two modes:
  * - Quiet: events are opened on the main thread, one per event-loop turn
@@ -34,9 +34,9 @@ export interface UnwrapPoolOptions {
   pubkey: string;
   /**
    * Worker threads in a flood. Default: CPUs − 1 (at least 1), leaving the main
-   * thread a core for parsing, signature checks of incoming frames and I/O. On 2
-   * loaded cores 2 workers opened no faster than 1 and tripled the main
-   * thread's event-loop delay p99 (bench B3 pool columns).
+   * thread a core for parsing, signature checks of incoming frames and I/O
+   * (more workers than spare cores open no faster and delay the main thread;
+   * docs/performance.md).
    */
   size?: number;
   /** Workers start once more than this many events wait for the main thread. Default 16: an ordinary burst (tens of ms of unwrapping) stays on the main thread and costs no worker memory. */

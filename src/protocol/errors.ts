@@ -14,7 +14,6 @@ export const ERROR_CODES = [
   'quota_exceeded', // this sender already holds its maximum of live workloads
   'busy', // too many spawns in flight, or too many requests waiting; try again shortly
   'clock_skew', // the request is dated more than a few minutes in the future (the sender's clock is ahead)
-  'shutting_down', // the agent is stopping and takes no new work
   'internal_error', // a bug or an unexpected host failure
   'not_allowed', // admission is by allowlist and this key is not on it
   'payment_required', // this provider charges and the request carries no cashu_token

@@ -133,3 +133,126 @@ export type Reply =
 export function errorReply(requestId: string, code: ErrorCode, message: string): ErrorReply {
   return { type: 'error', version: 1, request_id: requestId, code, message, error_type: code };
 }
+
+/**
+ * What a reply says about a workload, named as the agent's lease names it (a
+ * lease fits structurally; the protocol does not import the agent's types).
+ */
+export interface WorkloadFacts {
+  requestId: string;
+  workloadId: string;
+  sshPort: number;
+  isolationLevel: IsolationLevel;
+  expiresAt: string;
+  planId: string;
+  planName: string;
+  vcpus: number;
+  memoryMb: number;
+  diskGb: number;
+}
+
+/** What the consumer learns about its money, as the payment flow settles it. */
+export interface MoneyFacts {
+  paidMsats: number;
+  refundMsats: number;
+  refundToken?: string;
+}
+
+export function paymentFields(money: MoneyFacts): PaymentFields {
+  return {
+    paid_msats: money.paidMsats,
+    refund_msats: money.refundMsats,
+    ...(money.refundToken ? { refund_token: money.refundToken } : {}),
+  };
+}
+
+export function planInfo(w: WorkloadFacts): PlanInfo {
+  return { id: w.planId, name: w.planName, vcpus: w.vcpus, memory_mb: w.memoryMb, disk_gb: w.diskGb };
+}
+
+export function accessDetailsReply(w: WorkloadFacts, host: string): AccessDetails {
+  return {
+    type: 'access_details',
+    version: 1,
+    request_id: w.requestId,
+    workload_id: w.workloadId,
+    host,
+    ssh_port: w.sshPort,
+    ssh_user: 'root',
+    isolation_level: w.isolationLevel,
+    expires_at: w.expiresAt,
+    plan: planInfo(w),
+  };
+}
+
+export function statusReply(requestId: string, w: WorkloadFacts, host: string, state: StatusReply['state'], secondsLeft: number): StatusReply {
+  return {
+    type: 'status',
+    version: 1,
+    request_id: requestId,
+    workload_id: w.workloadId,
+    state,
+    host,
+    ssh_port: w.sshPort,
+    isolation_level: w.isolationLevel,
+    expires_at: w.expiresAt,
+    seconds_left: secondsLeft,
+    plan: planInfo(w),
+  };
+}
+
+export function stoppedReply(requestId: string, workloadId: string): StoppedReply {
+  return { type: 'stopped', version: 1, request_id: requestId, workload_id: workloadId };
+}
+
+export function toppedUpReply(requestId: string, w: Pick<WorkloadFacts, 'workloadId' | 'expiresAt'>, extendedSeconds: number, money: MoneyFacts): ToppedUpReply {
+  return {
+    type: 'topped_up',
+    version: 1,
+    request_id: requestId,
+    workload_id: w.workloadId,
+    extended_seconds: extendedSeconds,
+    expires_at: w.expiresAt,
+    ...paymentFields(money),
+  };
+}
+
+export function readyNotice(w: Pick<WorkloadFacts, 'requestId' | 'workloadId'>, ms: number): ReadyNotice {
+  return { type: 'ready', version: 1, request_id: w.requestId, workload_id: w.workloadId, ms };
+}
+
+export function bootFailedNotice(
+  w: Pick<WorkloadFacts, 'requestId' | 'workloadId'>,
+  reason: BootFailedNotice['reason'],
+  message: string,
+  consoleTail: string,
+  money?: MoneyFacts,
+): BootFailedNotice {
+  return {
+    type: 'boot_failed',
+    version: 1,
+    request_id: w.requestId,
+    workload_id: w.workloadId,
+    reason,
+    message,
+    console: consoleTail,
+    ...(money ? paymentFields(money) : {}),
+  };
+}
+
+export function workloadNotice(w: Pick<WorkloadFacts, 'requestId' | 'workloadId' | 'expiresAt'>, type: WorkloadNotice['type'], message: string, secondsLeft: number): WorkloadNotice {
+  return {
+    type,
+    version: 1,
+    request_id: w.requestId,
+    workload_id: w.workloadId,
+    expires_at: w.expiresAt,
+    seconds_left: secondsLeft,
+    message,
+  };
+}
+
+/** A reply with the money fields of a paid request added. */
+export function withPayment<R extends Reply>(reply: R, money: MoneyFacts): R & PaymentFields {
+  return { ...reply, ...paymentFields(money) };
+}

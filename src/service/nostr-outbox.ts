@@ -30,7 +30,8 @@
 import { randomUUID } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Outbox, Route } from '../agent/agent.js';
+import type { Outbox, Route } from '../agent/outbox.js';
+import type { Reply } from '../protocol/replies.js';
 import { sealDm } from '../nostr/dm.js';
 import type { RelayPool } from '../nostr/relays.js';
 import type { DmChannel, NostrEvent } from '../nostr/types.js';
@@ -71,8 +72,8 @@ interface Pending {
 }
 
 /** A reply that hands back a token (bearer money) must reach its consumer. */
-function carriesMoney(message: Record<string, unknown>): boolean {
-  return typeof message.refund_token === 'string' && message.refund_token !== '';
+function carriesMoney(message: Reply | Record<string, unknown>): boolean {
+  return 'refund_token' in message && typeof message.refund_token === 'string' && message.refund_token !== '';
 }
 
 /** A spool file as written by this or an earlier version; anything else is junk. */
@@ -109,7 +110,7 @@ export class NostrOutbox implements Outbox {
    * was spooled for retries; rejects when it is neither (held in memory only,
    * or dropped), even though a memory copy is still retried.
    */
-  async send(route: Route, message: Record<string, unknown>): Promise<void> {
+  async send(route: Route, message: Reply): Promise<void> {
     const channel: DmChannel = route.channel === 'nip04' ? 'nip04' : 'nip17';
     const event = sealDm({ sk: this.opts.sk, recipient: route.to, content: JSON.stringify(message), channel, replyTo: route.replyTo });
     const pending: Pending = { id: randomUUID(), route, event, deadline: Date.now() + (this.opts.retryForMs ?? 30 * 60_000) };

@@ -7,6 +7,7 @@ import { Agent } from '../agent/agent.js';
 import { SenderRateLimiter, SpawnAdmission, resolveHostCapacity } from '../agent/admission.js';
 import { InflightJournal } from '../agent/inflight.js';
 import { Supervisor } from '../agent/supervisor.js';
+import { Workloads } from '../agent/workloads.js';
 import { LeaseStore } from '../agent/leases.js';
 import { SeenStore } from '../agent/seen.js';
 import { Allowlist } from '../agent/allowlist.js';
@@ -139,19 +140,31 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   } else if (cfg.plans.some((p) => p.warmPool)) {
     logger.warn({ plans: cfg.plans.filter((p) => p.warmPool).map((p) => p.id) }, 'plans ask for a warm pool but the driver cannot keep idle VMs; every spawn boots cold');
   }
+  const workloads = new Workloads({
+    drivers,
+    leases,
+    inflight,
+    outbox,
+    logger,
+    publicHost: cfg.provider.publicHost,
+    readyTimeoutMs: cfg.drivers.kvm?.readyTimeoutMs ?? 300_000,
+    warnBeforeSeconds: cfg.leases.warnBeforeSeconds,
+    // A getter: reload() replaces cfg.
+    plans: () => cfg.plans,
+    payment,
+    warmPool,
+  });
   const agent = new Agent({
     publicHost: cfg.provider.publicHost,
     tiers: cfg.tiers,
-    drivers,
     plans: cfg.plans,
     defaultPlan: cfg.defaultPlan,
     maxContentBytes: cfg.limits.maxContentBytes,
     maxConcurrentRequests: cfg.limits.maxConcurrentRequests,
     maxQueuedRequests: cfg.limits.maxQueuedRequests,
-    readyTimeoutMs: cfg.drivers.kvm?.readyTimeoutMs ?? 300_000,
     leases,
+    workloads,
     seen,
-    inflight,
     outbox,
     logger,
     rateLimiter,
@@ -161,19 +174,10 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     payment,
     warmPool,
   });
-  const supervisor = new Supervisor({
-    agent,
-    leases,
-    inflight,
-    drivers,
-    outbox,
-    logger,
-    tickMs: cfg.leases.checkIntervalMs,
-    warnBeforeSeconds: cfg.leases.warnBeforeSeconds,
-  });
+  const supervisor = new Supervisor({ workloads, tickMs: cfg.leases.checkIntervalMs });
 
   // Quiet: DMs open on the main thread, one per event-loop turn; under a backlog
-  // in worker threads (issue 7: a flood of DMs must not starve the event loop).
+  // in worker threads, so a flood of DMs cannot starve the event loop.
   const unwrap = new UnwrapPool({ sk, pubkey, logger: logger.child({ part: 'unwrap' }) });
   const inbox = { unopenedDropped: 0, ignored: {} as Record<string, number>, tooOld: 0 };
   const onEvent = (event: NostrEvent): boolean => {
@@ -185,7 +189,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     void unwrap
       .open(event)
       .then((opened) => onOpened(event, opened, unwrapStarted))
-      // The relay pool's handler guard no longer surrounds this: keep a throw from becoming an unhandled rejection.
+      // This runs after the relay pool's handler returned, outside its guard: keep a throw from becoming an unhandled rejection.
       .catch((err: unknown) => logger.error({ eventId: event.id, err: (err as Error).message }, 'error while handling event'));
     return true;
   };
@@ -230,8 +234,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   // its half-done swaps, then paid requests are finished and answered (with
   // their refunds) before the spawn journal would answer them without.
   await payments.recover().catch((err: Error) => logger.error({ err: err.message }, 'wallet recovery failed; retried at the next start'));
-  await agent.reconcilePayments();
-  await supervisor.reconcile();
+  await workloads.reconcile();
   supervisor.start();
   // After the sweep above removed the previous run's pool VMs (they have no lease).
   warmPool?.start();

@@ -1,9 +1,10 @@
 /**
  * SHA-512 crypt hashes for cloud-init, made by the system's libcrypt through
  * one long-lived perl process (perl-base is Essential on Debian, and its
- * `crypt` is libcrypt's). The 5000 rounds take ~3 ms there against ~12 ms in
- * sha512crypt.ts, whose every round crosses from JS into OpenSSL; and they run
- * on another core, off the event loop, on a spawn's critical path.
+ * `crypt` is libcrypt's). The 5000 rounds are faster there than in
+ * sha512crypt.ts, whose every round crosses from JS into OpenSSL, and they run
+ * on another core, off the event loop, on a spawn's critical path
+ * (docs/performance.md).
  *
  * The password reaches perl through a pipe, hex-encoded, never argv, env or a
  * file. The helper proves itself on a known vector before its first use, every

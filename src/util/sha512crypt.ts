@@ -4,12 +4,11 @@
  * `chpasswd ... type: hash` takes this format, so the plaintext password never
  * has to be written anywhere. Pure: no I/O besides the CSPRNG in `randomSalt`.
  *
- * The driver hashes through the system libcrypt (password-hasher.ts, ~3 ms);
- * this is its reference and its fallback, and what its answers are checked
- * against. SHA-512 is OpenSSL's (node:crypto), not a JS implementation: the
- * 5000 rounds take ~12 ms on the event loop where pure JS took ~50-100 ms.
- * Each round hashes one contiguous buffer with the one-shot `hash()`, which
- * costs less per call than a createHash/update/digest object.
+ * The driver hashes through the system libcrypt (password-hasher.ts); this is
+ * its reference and its fallback, and what its answers are checked against.
+ * SHA-512 is OpenSSL's (node:crypto), not a JS implementation, and each round
+ * hashes one contiguous buffer with the one-shot `hash()`: the 5000 rounds run
+ * on the event loop, so each call's overhead counts (docs/performance.md).
  */
 import { createHash, hash, randomBytes } from 'node:crypto';
 

@@ -12,9 +12,10 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DriverError, type WorkloadSpec } from '../../src/drivers/types.js';
 import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
+import { findPasstPids } from '../../src/drivers/kvm/passt.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { isFree, isListening, processRuns, qemuPidsMatching, until } from '../support/net.js';
-import { ensureCloudGuest } from '../support/cloud-guest.js';
+import { cloudInitFinished, ensureCloudGuest } from '../support/cloud-guest.js';
 import { ensureTinyGuest, tinyDriverConfig, TINY_GUEST_BANNER, TINY_GUEST_MARKER, type TinyGuest } from '../support/tiny-guest.js';
 import { filesUnder } from '../support/files.js';
 
@@ -218,6 +219,20 @@ describe('KvmDriver with real qemu (TCG) and the tiny guest', () => {
     expect(qemuPidsMatching('paygress-kvmtest-badkernel')).toEqual([]);
   });
 
+  it('stops passt and frees port and directory when qemu cannot start after passt took the port', async () => {
+    // No qemu ever connects to this passt, so --one-off would never end it: only the driver's cleanup does.
+    const d = driver({ network: 'passt', portRange: { from: 47700, to: 47700 }, qemuBinary: join(root, 'no-such-qemu') });
+    const socket = join(config().vmRoot, 'passtfail', 'passt.sock');
+    for (let i = 0; i < 2; i++) {
+      const err = await d.create(spec('passtfail')).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(DriverError);
+      expect((err as DriverError).message).toMatch(/qemu could not be started/);
+      expect(readdirSync(config().vmRoot)).not.toContain('passtfail');
+      expect(await findPasstPids(socket)).toEqual([]);
+      expect(await isFree(47700)).toBe(true);
+    }
+  });
+
   it('releases everything when the base image does not exist', async () => {
     const d = driver({ portRange: { from: 42031, to: 42031 }, baseImage: join(root, 'missing.qcow2') });
     const err = await d.create(spec('nobase')).catch((e: unknown) => e);
@@ -293,7 +308,7 @@ describe('KvmDriver seed with real cloud-init (Debian cloud guest)', () => {
     const password = `p4ss: "q" #x 'ünï' - [y]`;
     const h = await d.create(spec('cloud1', { hostname: 'cloudy-one', vcpus: 2, memoryMb: 1024, diskGb: 4, rootPassword: password, sshKeys: [pub] }));
     try {
-      await until(() => d.cloudInitFinished('cloud1'), 240_000, 'cloud-init final message on the serial console');
+      await until(() => cloudInitFinished(d, 'cloud1'), 240_000, 'cloud-init final message on the serial console');
       const ssh = ['-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR',
         '-o', 'ConnectTimeout=20', '-p', String(h.sshPort)];
       // Password on sshpass's environment, never argv.

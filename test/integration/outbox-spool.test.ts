@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { generateSecretKey, getPublicKey } from 'nostr-tools/pure';
 import { RelayPool } from '../../src/nostr/relays.js';
+import { errorReply } from '../../src/protocol/replies.js';
 import { NostrOutbox } from '../../src/service/nostr-outbox.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { mountTmpfs, type Tmpfs } from '../support/tmpfs.js';
@@ -31,8 +32,8 @@ function setup(fs: Tmpfs, opts: { maxWaiting?: number; maxWaitingBytes?: number;
 }
 
 const to = getPublicKey(generateSecretKey());
-const message = (n: number) => ({ type: 'error', request_id: n.toString(16).padStart(64, '0'), code: 'busy', message: 'x'.repeat(100) });
-const refusal = (n: number) => ({ ...message(n), code: 'payment_failed', refund_msats: 1000, refund_token: `cashuBrefund${n}secret` });
+const message = (n: number) => errorReply(n.toString(16).padStart(64, '0'), 'busy', 'x'.repeat(100));
+const refusal = (n: number) => ({ ...errorReply(n.toString(16).padStart(64, '0'), 'spawn_failed', 'x'.repeat(100)), refund_msats: 1000, refund_token: `cashuBrefund${n}secret` });
 const route = (m: { request_id: string }) => ({ to, channel: 'nip17', replyTo: m.request_id });
 const spooledRequestIds = (dir: string) =>
   readdirSync(dir).map((f) => (JSON.parse(readFileSync(join(dir, f), 'utf8')) as { route: { replyTo: string } }).route.replyTo).sort();
@@ -103,6 +104,6 @@ describe('reply spool bounds', () => {
     const text = readFileSync(join(spoolDir, file!), 'utf8');
     expect(text).not.toContain('cashuBrefund1secret');
     expect(text).not.toContain('refund_token');
-    expect(text).not.toContain('payment_failed');
+    expect(text).not.toContain('spawn_failed');
   });
 });

@@ -13,16 +13,27 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DriverError, type TenantSpec } from '../../src/drivers/types.js';
 import { KvmDriver, type KvmDriverConfig } from '../../src/drivers/kvm/index.js';
-import { SSHD_DROPIN_CONTENT } from '../../src/drivers/kvm/cloud-config.js';
+import { SSHD_DROPIN_CONTENT, SSHD_DROPIN_PATH } from '../../src/drivers/kvm/cloud-config.js';
 import { runQmp } from '../../src/drivers/kvm/qmp.js';
 import { silentLogger } from '../../src/util/logger.js';
-import { qemuPidsMatching } from '../support/net.js';
+import { qemuPidsMatching, until } from '../support/net.js';
 import { ensureCloudGuest } from '../support/cloud-guest.js';
 import { ensureTinyGuest, tinyDriverConfig, type TinyGuest } from '../support/tiny-guest.js';
 import { startFakeQga, type FakeQgaBehaviour } from '../support/fake-qga.js';
 import { filesUnder } from '../support/files.js';
 
 const PASSWORD = `t3nant: "pw" #x 'ünï'`;
+/** What an honest idle guest's agent would show: a locked root, the seed's sshd drop-in, sshd listening. */
+const PROC_NET_TCP = [
+  '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+  '   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 13007 1 0000000000000000 100 0 0 10 0',
+  '',
+].join('\n');
+const GUEST_FILES = {
+  '/etc/shadow': 'root:!*:19000:0:99999:7:::\nsshd:!:19000::::::\n',
+  [SSHD_DROPIN_PATH]: SSHD_DROPIN_CONTENT,
+  '/proc/net/tcp': PROC_NET_TCP,
+};
 let root: string;
 let tiny: TinyGuest;
 const drivers: KvmDriver[] = [];
@@ -119,10 +130,10 @@ describe('warm pool with a real cloud-init guest', () => {
       expect(k.exitCode, k.stderr).toBe(0);
       expect(k.stdout.split('\n')).toEqual(['root', '0', 'inactive']);
 
-      // The channel is gone for good: no socket, no chardev in qemu, and a second hand-off is refused.
+      // The channel is gone for good: no socket, no chardev in qemu (removed just after the hand-off resolves), and a second hand-off is refused.
       expect(existsSync(join(h.dir, 'qga.sock'))).toBe(false);
       expect(await connects(join(h.dir, 'qga.sock'))).toBe(false);
-      expect(await chardevLabels(h.dir)).not.toContain('qga0');
+      await until(async () => !(await chardevLabels(h.dir)).includes('qga0'), 10_000, 'qemu drops the guest-agent chardev');
       expect((await d.readMeta('warm1'))?.warm).toBe('handed-off');
       const again = await d.warm.handOff('warm1', { ...tenant, hostname: 'tenant-two' }, { timeoutMs: 10_000 }).catch((e: unknown) => e);
       expect(again).toBeInstanceOf(DriverError);
@@ -145,10 +156,11 @@ describe('warm pool against a hostile guest agent', () => {
   const cases: [FakeQgaBehaviour, RegExp][] = [
     ['wrong-sync-id', /sync/],
     ['malformed', /not JSON/],
-    ['error-answer', /GenericError/],
+    ['error-answer', /guest-file-open: GenericError: open failed/],
     ['oversized', /oversized/],
     ['hang', /no answer|deadline/],
     ['wrong-dropin', /sshd_config/],
+    ['sshd-down', /nothing listens on port 22/],
   ];
   it.each(cases)('%s → handoff_failed, and the VM is never handed off again', async (behaviour, message) => {
     const d = driver({ portRange: { from: 47510, to: 47529 } });
@@ -156,7 +168,7 @@ describe('warm pool against a hostile guest agent', () => {
     const h = await d.warm.createIdle({ id, vcpus: 1, memoryMb: 256, diskGb: 1 });
     try {
       expect(existsSync(join(h.dir, 'qga.sock'))).toBe(true);
-      const fake = await startFakeQga(join(h.dir, 'qga.sock'), behaviour, SSHD_DROPIN_CONTENT);
+      const fake = await startFakeQga(join(h.dir, 'qga.sock'), behaviour, GUEST_FILES);
       try {
         const err = await d.warm.handOff(id, { hostname: 'victim', rootPassword: PASSWORD, sshKeys: [] }, { timeoutMs: 3_000 }).catch((e: unknown) => e);
         expect(err).toBeInstanceOf(DriverError);
@@ -184,19 +196,22 @@ describe('warm pool against a hostile guest agent', () => {
     const d = driver({ portRange: { from: 47530, to: 47539 } });
     const h = await d.warm.createIdle({ id: 'honest', vcpus: 1, memoryMb: 256, diskGb: 1 });
     try {
-      const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', SSHD_DROPIN_CONTENT);
+      const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', GUEST_FILES);
       try {
-        // The tiny guest's fake sshd answers the banner check once it has booted.
-        await d.waitReady('honest', { timeoutMs: 120_000 });
         await d.warm.handOff('honest', { hostname: 'tenant', rootPassword: PASSWORD, sshKeys: [] }, { timeoutMs: 10_000 });
         expect(fake.received).toEqual([
           'guest-sync-delimited',
-          'guest-set-user-password',
-          'guest-ssh-add-authorized-keys',
+          // shadow, sshd drop-in, /proc/net/tcp to read; /etc/hostname, the running hostname to write; keys replaced
+          ...Array(5).fill('guest-file-open'), 'guest-ssh-add-authorized-keys',
+          ...Array(3).fill('guest-file-read'), ...Array(2).fill('guest-file-write'), ...Array(5).fill('guest-file-close'),
+          // /etc/shadow written back with root's hash
           'guest-file-open', 'guest-file-write', 'guest-file-close',
-          'guest-file-open', 'guest-file-write', 'guest-file-close',
-          'guest-file-open', 'guest-file-read', 'guest-file-close',
         ]);
+        const shadow = fake.written.get('/etc/shadow')!.toString();
+        expect(shadow).toMatch(/^root:\$6\$[^:]+:\d+:0:99999:7:::\nsshd:!:19000::::::\n$/);
+        expect(shadow).not.toContain(PASSWORD);
+        expect(fake.written.get('/etc/hostname')!.toString()).toBe('tenant\n');
+        expect(fake.written.get('/proc/sys/kernel/hostname')!.toString()).toBe('tenant');
       } finally {
         await fake.close();
       }
@@ -204,6 +219,34 @@ describe('warm pool against a hostile guest agent', () => {
       await d.destroy('honest');
     }
   }, 180_000);
+
+  it('a hostname or key that tries injection is refused before the guest hears anything, and the VM stays idle', async () => {
+    const d = driver({ portRange: { from: 47550, to: 47559 } });
+    const h = await d.warm.createIdle({ id: 'inject', vcpus: 1, memoryMb: 256, diskGb: 1 });
+    try {
+      const fake = await startFakeQga(join(h.dir, 'qga.sock'), 'honest', GUEST_FILES);
+      try {
+        const bad: [Partial<TenantSpec>, RegExp][] = [
+          [{ hostname: 'x\nroot::0:0:99999:7:::' }, /hostname/],
+          [{ sshKeys: ['ssh-ed25519 AAAA k\ncommand="sh" ssh-ed25519 AAAA evil'] }, /key/],
+        ];
+        for (const [over, message] of bad) {
+          const err = await d.warm
+            .handOff('inject', { hostname: 'ok', rootPassword: PASSWORD, sshKeys: [], ...over }, { timeoutMs: 3_000 })
+            .catch((e: unknown) => e);
+          expect((err as DriverError).code).toBe('handoff_failed');
+          expect((err as DriverError).message).toMatch(message);
+        }
+        expect(fake.received).toEqual([]);
+        // A caller's bad value does not use the VM up.
+        expect((await d.readMeta('inject'))?.warm).toBe('idle');
+      } finally {
+        await fake.close();
+      }
+    } finally {
+      await d.destroy('inject');
+    }
+  }, 60_000);
 
   it('a cold VM has no guest-agent channel, and cannot be handed off', async () => {
     const d = driver({ portRange: { from: 47540, to: 47549 } });

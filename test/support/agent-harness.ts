@@ -1,5 +1,5 @@
 /**
- * An `Agent` and its `Supervisor`, wired as src/service/service.ts wires them
+ * An `Agent`, its `Workloads` and their `Supervisor`, wired as src/service/service.ts wires them
  * but in-process: the real stores on a temporary state directory, a
  * `FakeDriver` instead of qemu, a `MemoryOutbox` instead of Nostr. Every
  * default lives here, so an option the agent gains is added in one place.
@@ -22,8 +22,9 @@ import type { PricingPolicy } from '../../src/agent/pricing.js';
 import type { Payments } from '../../src/payment/types.js';
 import type { Plan } from '../../src/agent/plans.js';
 import { SeenStore } from '../../src/agent/seen.js';
-import { Supervisor, type SupervisorOptions } from '../../src/agent/supervisor.js';
+import { Supervisor } from '../../src/agent/supervisor.js';
 import { WarmPool, type WarmPoolOptions } from '../../src/agent/warm-pool.js';
+import { Workloads, type WorkloadsOptions } from '../../src/agent/workloads.js';
 import { silentLogger, type Logger } from '../../src/util/logger.js';
 import { FakeDriver } from './fake-driver.js';
 import { MemoryOutbox, type Message } from './memory-outbox.js';
@@ -57,12 +58,16 @@ export interface HarnessOptions {
   limits?: Partial<SpawnLimits>;
   /** Anything else the agent takes; wins over the defaults here. */
   agent?: Partial<AgentOptions>;
-  supervisor?: Partial<Pick<SupervisorOptions, 'tickMs' | 'warnBeforeSeconds'>>;
+  workloads?: Partial<Pick<WorkloadsOptions, 'readyTimeoutMs' | 'warnBeforeSeconds'>>;
+  /** How often the supervisor looks (default 10 ms). */
+  tickMs?: number;
   logger?: Logger;
   /** The wallet: set, the agent runs in `paid` mode with a payment journal in the state directory. */
   payments?: Payments;
   /** Default: 60 s minimum, 24 h maximum. */
   pricing?: PricingPolicy;
+  /** A payment flow of the test's own over `payments` (to hold one of its steps); default a plain one. */
+  paymentFlow?: PaymentFlow;
   /** Run a warm pool for the plans that ask for one (options override the quick test defaults). */
   warmPool?: Partial<Omit<WarmPoolOptions, 'driver' | 'plans' | 'admission'>>;
 }
@@ -83,6 +88,7 @@ export class Harness {
   readonly seen: SeenStore;
   readonly inflight: InflightJournal;
   readonly admission: SpawnAdmission;
+  readonly workloads: Workloads;
   readonly agent: Agent;
   readonly supervisor: Supervisor;
   readonly payment: PaymentFlow | undefined;
@@ -121,21 +127,33 @@ export class Harness {
     if (opts.payments) {
       this.paymentJournal = new PaymentJournal(this.stateDir);
       const policy = opts.pricing ?? { minimumSeconds: 60, maxLeaseSeconds: 86_400 };
-      this.payment = new PaymentFlow({ payments: opts.payments, journal: this.paymentJournal, policy, logger });
+      this.payment = opts.paymentFlow ?? new PaymentFlow({ payments: opts.payments, journal: this.paymentJournal, policy, logger });
     }
+    this.workloads = new Workloads({
+      drivers,
+      leases: this.leases,
+      inflight: this.inflight,
+      outbox: this.outbox,
+      logger,
+      publicHost: '127.0.0.1',
+      readyTimeoutMs: 60_000,
+      warnBeforeSeconds: 60,
+      plans: () => plans,
+      ...(this.payment ? { payment: this.payment } : {}),
+      ...(this.pool ? { warmPool: this.pool } : {}),
+      ...opts.workloads,
+    });
     this.agent = new Agent({
       publicHost: '127.0.0.1',
       tiers: [{ level: 'dedicated-host', driver: this.driver.kind }],
-      drivers,
       plans,
       defaultPlan: 'small',
       maxContentBytes: 64 * 1024,
       maxConcurrentRequests: 8,
       maxQueuedRequests: 64,
-      readyTimeoutMs: 60_000,
       leases: this.leases,
+      workloads: this.workloads,
       seen: this.seen,
-      inflight: this.inflight,
       outbox: this.outbox,
       logger,
       rateLimiter: new SenderRateLimiter({ capacity: 1000, refillPerSecond: 1000 }),
@@ -144,25 +162,14 @@ export class Harness {
       ...(this.pool ? { warmPool: this.pool } : {}),
       ...opts.agent,
     });
-    this.supervisor = new Supervisor({
-      agent: this.agent,
-      leases: this.leases,
-      inflight: this.inflight,
-      drivers,
-      outbox: this.outbox,
-      logger,
-      tickMs: 10,
-      warnBeforeSeconds: 60,
-      ...opts.supervisor,
-    });
+    this.supervisor = new Supervisor({ workloads: this.workloads, tickMs: opts.tickMs ?? 10 });
     live.add(this);
   }
 
   /** Settle what an earlier run left, then supervise: the service's start order. */
   async start(): Promise<this> {
     await this.opts.payments?.recover();
-    await this.agent.reconcilePayments();
-    await this.supervisor.reconcile();
+    await this.workloads.reconcile();
     this.supervisor.start();
     this.pool?.start();
     return this;

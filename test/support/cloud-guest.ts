@@ -5,6 +5,8 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { finalMessageFor } from '../../src/drivers/kvm/cloud-config.js';
+import type { KvmDriver } from '../../src/drivers/kvm/driver.js';
 import { ensureGuest, guestBuildScript, guestDir, nonEmptyFile } from './guest-cache.js';
 
 export interface CloudGuest {
@@ -63,4 +65,14 @@ export function cloudGuestBuilt(paths: CloudGuest = cloudGuestPaths()): boolean 
  */
 export function ensureCloudGuest(): Promise<CloudGuest> {
   return ensureGuest({ script: CLOUD_GUEST_BUILD_SCRIPT, paths: () => cloudGuestPaths(), built: cloudGuestBuilt, timeoutMs: 20 * 60_000 });
+}
+
+/**
+ * Whether cloud-init has printed this workload's final message on its serial
+ * console: the point where the root password is set and sshd configured (an
+ * SSH banner alone comes earlier).
+ */
+export async function cloudInitFinished(driver: KvmDriver, id: string): Promise<boolean> {
+  const meta = await driver.readMeta(id);
+  return meta !== undefined && (await driver.readConsole(id)).includes(finalMessageFor(meta.readyToken));
 }

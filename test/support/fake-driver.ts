@@ -50,6 +50,8 @@ export class FakeDriver implements ComputeDriver {
   readonly destroyCalls: string[] = [];
   /** The next `create` fails with this after taking its resources (and releasing them, per the contract). */
   failNextCreate: DriverError | undefined;
+  /** The next `destroy` fails with this before touching the workload (a host that refuses to let go). */
+  failNextDestroy: Error | undefined;
   /** While set, `create` holds after the workload exists and before it returns (a slow pidfile). */
   createGate: Gate | undefined;
   /** While set, `destroy` holds before the workload goes (a guest slow to stop). */
@@ -105,6 +107,9 @@ export class FakeDriver implements ComputeDriver {
   async destroy(id: string): Promise<void> {
     this.destroyCalls.push(id);
     if (this.destroyGate) await this.destroyGate.passed;
+    const failure = this.failNextDestroy;
+    this.failNextDestroy = undefined;
+    if (failure) throw failure;
     const w = this.workloads.get(id);
     if (!w) return;
     w.alive = false;

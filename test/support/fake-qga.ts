@@ -16,23 +16,31 @@ export type FakeQgaBehaviour =
   | 'wrong-sync-id'
   /** After a correct sync, a line that is not JSON. */
   | 'malformed'
-  /** After a correct sync, an error answer to setting the password. */
+  /** After a correct sync, an error answer (with terminal escapes and far too long). */
   | 'error-answer'
   /** After a correct sync, an endless answer without a newline. */
   | 'oversized'
   /** Accepts the connection and never answers. */
   | 'hang'
   /** Answers everything, but the sshd drop-in it reports is not the one that opens root login. */
-  | 'wrong-dropin';
+  | 'wrong-dropin'
+  /** Answers everything, but nothing listens on port 22 in its /proc/net/tcp. */
+  | 'sshd-down';
 
 export interface FakeQga {
   /** Commands received, by name, in order. */
   readonly received: string[];
+  /** What was written to each path, last write wins. */
+  readonly written: Map<string, Buffer>;
   close(): Promise<void>;
 }
 
-export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dropin: string): Promise<FakeQga> {
+/** Files the fake serves to guest-file-read, by path. */
+export type FakeFiles = Record<string, string>;
+
+export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, files: FakeFiles): Promise<FakeQga> {
   const received: string[] = [];
+  const written = new Map<string, Buffer>();
   const sockets = new Set<Socket>();
   const server: Server = createServer((sock) => {
     sockets.add(sock);
@@ -60,6 +68,21 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
         received.push(cmd.execute);
         if (behaviour === 'hang') continue;
         const send = (obj: unknown) => sock.write(`${JSON.stringify(obj)}\n`);
+        if (cmd.execute !== 'guest-sync-delimited' && received.length === 2) {
+          // The first command after the sync: where these behaviours strike.
+          if (behaviour === 'malformed') {
+            sock.write('{"return": {}, oops\n');
+            continue;
+          }
+          if (behaviour === 'error-answer') {
+            send({ error: { class: 'GenericError', desc: `open failed \x1b[31m${'x'.repeat(500)}` } });
+            continue;
+          }
+          if (behaviour === 'oversized') {
+            sock.write(Buffer.alloc(1024 * 1024, 0x41));
+            continue;
+          }
+        }
         switch (cmd.execute) {
           case 'guest-sync-delimited': {
             const id = cmd.arguments!.id as number;
@@ -67,12 +90,6 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
             send({ return: behaviour === 'wrong-sync-id' ? id + 1 : id });
             break;
           }
-          case 'guest-set-user-password':
-            if (behaviour === 'malformed') sock.write('{"return": {}, oops\n');
-            else if (behaviour === 'error-answer') send({ error: { class: 'GenericError', desc: `chpasswd failed \x1b[31m${'x'.repeat(500)}` } });
-            else if (behaviour === 'oversized') sock.write(Buffer.alloc(1024 * 1024, 0x41));
-            else send({ return: {} });
-            break;
           case 'guest-file-open': {
             const h = nextHandle++;
             handles.set(h, String(cmd.arguments!.path));
@@ -81,11 +98,16 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
           }
           case 'guest-file-write': {
             const b64 = String(cmd.arguments!['buf-b64']);
+            written.set(handles.get(cmd.arguments!.handle as number)!, Buffer.from(b64, 'base64'));
             send({ return: { count: Buffer.from(b64, 'base64').length, eof: false } });
             break;
           }
           case 'guest-file-read': {
-            const content = Buffer.from(behaviour === 'wrong-dropin' ? 'PermitRootLogin no\n' : dropin);
+            const file = handles.get(cmd.arguments!.handle as number)!;
+            let text = files[file] ?? '';
+            if (behaviour === 'wrong-dropin' && file.startsWith('/etc/ssh/')) text = 'PermitRootLogin no\n';
+            if (behaviour === 'sshd-down' && file === '/proc/net/tcp') text = text.replace(' 0A ', ' 01 ');
+            const content = Buffer.from(text);
             send({ return: { count: content.length, 'buf-b64': content.toString('base64'), eof: true } });
             break;
           }
@@ -102,6 +124,7 @@ export async function startFakeQga(path: string, behaviour: FakeQgaBehaviour, dr
   });
   return {
     received,
+    written,
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy();

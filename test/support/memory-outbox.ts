@@ -3,7 +3,8 @@
  * can read the conversation instead of a relay. A send can be held (a relay
  * that does not acknowledge yet) or made to fail.
  */
-import type { Outbox, Route } from '../../src/agent/agent.js';
+import type { Outbox, Route } from '../../src/agent/outbox.js';
+import type { Reply } from '../../src/protocol/replies.js';
 import type { Gate } from './gate.js';
 
 /** What the agent sends: replies and notices alike carry a `type`. */
@@ -23,13 +24,13 @@ export class MemoryOutbox implements Outbox {
   failNext = 0;
   private readonly waiters = new Set<() => void>();
 
-  async send(route: Route, message: Record<string, unknown>): Promise<void> {
+  async send(route: Route, message: Reply): Promise<void> {
     if (this.gate) await this.gate.passed;
     if (this.failNext > 0) {
       this.failNext--;
       throw new Error('outbox refused the message');
     }
-    this.sent.push({ route, message: message as Message });
+    this.sent.push({ route, message: message as unknown as Message });
     for (const wake of [...this.waiters]) wake();
   }
 

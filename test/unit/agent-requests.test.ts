@@ -39,7 +39,7 @@ describe('ownership', () => {
   });
 
   it('reports a workload whose process died as gone in status', async () => {
-    const h = await new Harness({ supervisor: { tickMs: 60_000 } }).start();
+    const h = await new Harness({ tickMs: 60_000 }).start();
     const owner = hex32();
     const { workload_id } = await h.spawn(owner);
     await h.outbox.next((s) => s.message.type === 'ready', 'ready');

@@ -1,7 +1,7 @@
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { readJsonRecords, writeFileAtomic } from '../../src/util/atomic-file.js';
 
 const dirs: string[] = [];
@@ -34,31 +34,37 @@ describe('readJsonRecords', () => {
 
 describe('writeFileAtomic under a file-size limit (short writes)', () => {
   const child = new URL('../support/atomic-write-child.ts', import.meta.url).pathname;
-  const tsx = new URL('../../node_modules/.bin/tsx', import.meta.url).pathname;
+  const root = new URL('../..', import.meta.url).pathname;
+  let dir: string;
+  let exitCode: number | undefined;
+  let answers: string[];
 
-  it('never leaves a prefix of the new content: old file intact, no temp file, the failure reported', async () => {
+  // One child under a 64 KiB limit makes both writes: one too big for it over an old file, one that fits in a new file.
+  beforeAll(async () => {
     const { execa } = await import('execa');
-    const dir = mkdtempSync(join(tmpdir(), 'pga-shortwrite-'));
-    dirs.push(dir);
-    const file = join(dir, 'seen.log');
-    writeFileSync(file, 'old content\n');
+    dir = mkdtempSync(join(tmpdir(), 'pga-shortwrite-'));
+    mkdirSync(join(dir, 'big'));
+    mkdirSync(join(dir, 'fits'));
+    writeFileSync(join(dir, 'big', 'seen.log'), 'old content\n');
     // 2 000 lines of ~76 bytes (~150 KB) under a 64 KiB limit: write(2) writes
     // what fits and returns a short count; node ignores SIGXFSZ, so the next
-    // write fails with EFBIG instead of killing the process.
-    const res = await execa('prlimit', ['--fsize=65536', tsx, child, file, '2000'], { reject: false });
-    expect(res.exitCode).toBe(0);
-    expect(res.stdout.trim()).toBe('EFBIG');
-    expect(readFileSync(file, 'utf8')).toBe('old content\n');
-    expect(readdirSync(dir)).toEqual(['seen.log']);
+    // write fails with EFBIG instead of killing the process. 500 lines (~38 KB) fit.
+    const res = await execa('prlimit', ['--fsize=65536', process.execPath, '--import', 'tsx', child, join(dir, 'big', 'seen.log'), '2000', join(dir, 'fits', 'seen.log'), '500'], { cwd: root, reject: false });
+    exitCode = res.exitCode;
+    answers = res.stdout.trim().split('\n');
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('never leaves a prefix of the new content: old file intact, no temp file, the failure reported', () => {
+    expect(exitCode).toBe(0);
+    expect(answers[0]).toBe('EFBIG');
+    expect(readFileSync(join(dir, 'big', 'seen.log'), 'utf8')).toBe('old content\n');
+    expect(readdirSync(join(dir, 'big'))).toEqual(['seen.log']);
   });
 
-  it('writes everything when it fits', async () => {
-    const { execa } = await import('execa');
-    const dir = mkdtempSync(join(tmpdir(), 'pga-shortwrite-'));
-    dirs.push(dir);
-    const file = join(dir, 'seen.log');
-    const res = await execa('prlimit', ['--fsize=1048576', tsx, child, file, '2000'], { reject: false });
-    expect(res.stdout.trim()).toBe('ok');
-    expect(readFileSync(file, 'utf8').split('\n').filter(Boolean)).toHaveLength(2000);
+  it('writes everything when it fits', () => {
+    expect(answers[1]).toBe('ok');
+    expect(readFileSync(join(dir, 'fits', 'seen.log'), 'utf8').split('\n').filter(Boolean)).toHaveLength(500);
+    expect(readdirSync(join(dir, 'fits'))).toEqual(['seen.log']);
   });
 });

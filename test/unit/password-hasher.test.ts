@@ -70,7 +70,7 @@ describe('LibcryptHasher', () => {
 
   it('answers many hashes at once, each to its own caller', async () => {
     const h = hasher();
-    const pws = Array.from({ length: 25 }, (_, i) => `parallel-password-${i}-${'y'.repeat(i)}`);
+    const pws = Array.from({ length: 12 }, (_, i) => `parallel-password-${i}-${'y'.repeat(i)}`);
     const got = await Promise.all(pws.map((pw) => h.hash(pw)));
     got.forEach((hash, i) => expect(hash).toBe(expected(pws[i]!, hash)));
   });

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { PaymentError } from '../../src/payment/types.js';
-import { secondsLeft } from '../../src/agent/agent.js';
+import { secondsLeft } from '../../src/agent/leases.js';
 import { PaymentFlow } from '../../src/agent/payment-flow.js';
 import { PaymentJournal } from '../../src/agent/payment-journal.js';
 import { silentLogger } from '../../src/util/logger.js';
@@ -107,7 +107,7 @@ describe('a paid guest that never boots', () => {
     const stateDir = mkdtempSync(join(tmpdir(), 'paygress-unit-'));
     const flow = new SlowOweFlow({ payments, journal: new PaymentJournal(stateDir), policy: { minimumSeconds: 60, maxLeaseSeconds: 86_400 }, logger: silentLogger });
     // No supervisor tick in between: it would close the dead VM's lease on its own.
-    const h = await new Harness({ stateDir, payments, agent: { payment: flow }, supervisor: { tickMs: 3_600_000 } }).start();
+    const h = await new Harness({ stateDir, payments, paymentFlow: flow, tickMs: 3_600_000 }).start();
     h.driver.boot = 'manual';
     const owner = hex32();
     const { workload_id, request_id } = await h.spawn(owner, PAID_SPAWN);

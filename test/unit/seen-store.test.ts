@@ -1,8 +1,7 @@
 import { readFileSync, rmSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { SeenStore } from '../../src/agent/seen.js';
 import { mountTmpfs, type Tmpfs } from '../support/tmpfs.js';
 
@@ -22,7 +21,10 @@ describe('SeenStore', () => {
     cleanup.push(() => seen.close());
     for (let i = 0; i < 100; i++) expect(seen.claim([id(i)])).toBe(true);
     expect(lines(join(dir, 'seen.log'))).toHaveLength(100);
-    await sleep(2100); // past the one-second retention
+    // Past the one-second retention, on a fake clock: only Date moves, the file I/O stays real.
+    vi.useFakeTimers({ toFake: ['Date'] });
+    cleanup.push(() => vi.useRealTimers());
+    vi.setSystemTime(Date.now() + 2100);
     for (let i = 100; i < 200; i++) expect(seen.claim([id(i)])).toBe(true);
     await seen.synced();
     const now = lines(join(dir, 'seen.log'));

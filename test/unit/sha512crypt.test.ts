@@ -30,13 +30,19 @@ describe('sha512crypt', () => {
     // openssl reads one password per line (no newline, CR or NUL inside) and prints <NULL> for an empty one.
     const password = fc.string({ unit: 'binary', minLength: 1, maxLength: 40 })
       .filter((s) => !/[\n\r\0]/.test(s));
-    const samples = fc.sample(fc.tuple(password, fc.constant(null).map(() => randomSalt())), 40);
-    // One openssl run per salt keeps argv free of passwords; salts are not secret.
-    for (const [pw, salt] of samples) {
+    // Each range of UTF-8 lengths once for sure: ASCII, 2-byte, 3-byte (BMP), 4-byte (astral), and mixed.
+    const planes = ['plain ascii', 'héllo wörld', '日本語のパスワード', '😀🔐𝄞', 'a é 中 😀'];
+    const passwords = [...planes, ...fc.sample(password, 15)];
+    // Passwords on stdin keep argv free of them; one openssl run per salt (salts are not secret),
+    // each hashing a batch of passwords, one per line.
+    for (let i = 0; i < passwords.length; i += 10) {
+      const batch = passwords.slice(i, i + 10);
+      const salt = randomSalt();
       const expected = execFileSync('openssl', ['passwd', '-6', '-salt', salt, '-stdin'], {
-        input: Buffer.from(`${pw}\n`, 'utf8'),
-      }).toString('utf8').trim();
-      expect(sha512crypt(pw, salt)).toBe(expected);
+        input: Buffer.from(batch.map((pw) => `${pw}\n`).join(''), 'utf8'),
+      }).toString('utf8').split('\n');
+      expect(expected.slice(batch.length)).toEqual(['']);
+      batch.forEach((pw, j) => expect(sha512crypt(pw, salt), JSON.stringify(pw)).toBe(expected[j]));
     }
   });
 

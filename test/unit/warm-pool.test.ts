@@ -85,7 +85,7 @@ describe('the pool', () => {
     const ready = await h.outbox.next((s) => s.message.type === 'ready', 'ready');
     expect(ready.message).toMatchObject({ workload_id: reply.workload_id, request_id: reply.request_id });
     expect(h.leases.get(reply.workload_id)?.readyAt).toBeDefined();
-    expect(h.agent.isBooting(reply.workload_id)).toBe(false);
+    expect(h.workloads.phase(reply.workload_id)).toBe('ready');
     // Refilled to two idle VMs beside the tenant's.
     await poolReady(h, 2);
     expect(h.pool!.ids()).not.toContain(reply.workload_id);

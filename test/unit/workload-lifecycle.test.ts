@@ -26,7 +26,7 @@ describe('boot', () => {
     expect(ready.route.replyTo).toBe(request_id);
     expect(ready.message.workload_id).toBe(workload_id);
     await vi.waitFor(() => expect(h.leases.get(workload_id)?.readyAt).toBeDefined(), WAIT);
-    expect(h.agent.isBooting(workload_id)).toBe(false);
+    expect(h.workloads.phase(workload_id)).toBe('ready');
   });
 
   it('reports a death during boot once, as boot_failed, never as workload_lost, and deletes the workload', async () => {
@@ -67,7 +67,7 @@ describe('boot', () => {
     const owner = hex32();
     const { workload_id, request_id } = await h.spawn(owner);
     await h.outbox.next((s) => s.message.type === 'ready', 'ready');
-    await vi.waitFor(() => expect(h.agent.isBooting(workload_id)).toBe(false), WAIT);
+    await vi.waitFor(() => expect(h.workloads.phase(workload_id)).toBe('ready'), WAIT);
     h.driver.kill(workload_id);
     const lost = await h.outbox.next((s) => s.message.type === 'workload_lost', 'workload_lost');
     expect(lost.route).toMatchObject({ to: owner, replyTo: request_id });
@@ -79,7 +79,7 @@ describe('boot', () => {
   });
 
   it('deletes a workload that misses the ready deadline, with boot_failed and the console tail', async () => {
-    const h = await new Harness({ agent: { readyTimeoutMs: 50 } }).start();
+    const h = await new Harness({ workloads: { readyTimeoutMs: 50 } }).start();
     h.driver.boot = 'never';
     const { workload_id } = await h.spawn(hex32());
     const failed = await h.outbox.next((s) => s.message.type === 'boot_failed', 'boot_failed');
@@ -140,7 +140,7 @@ describe('expiry', () => {
   it('warns once before the end, then stops the workload and says expired', async () => {
     // Only Date is faked: the supervisor's timer and the stores' file I/O stay real.
     vi.useFakeTimers({ toFake: ['Date'] });
-    const h = await new Harness({ supervisor: { warnBeforeSeconds: 60 } }).start();
+    const h = await new Harness({ workloads: { warnBeforeSeconds: 60 } }).start();
     const owner = hex32();
     const { workload_id, expires_at } = await h.spawn(owner);
     expect(Date.parse(String(expires_at)) - Date.now()).toBe(3600_000);

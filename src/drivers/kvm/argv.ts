@@ -9,6 +9,7 @@
 import path from 'node:path';
 import { qemuOptionValue as opt, qemuPlainValue as plain } from './qemu-option.js';
 import { QGA_PORT_NAME } from './guest-agent-protocol.js';
+import { vmFile } from './workload-files.js';
 
 /**
  * The seccomp policy that works together with `-daemonize` on qemu 7.2
@@ -72,27 +73,6 @@ export const CONSOLE_RING_BYTES = 65536;
 /** Read (and remove) what the console ring holds, as base64 (a byte stream need not be UTF-8). */
 export function readConsoleRing(): QmpCommand[] {
   return [{ execute: 'ringbuf-read', arguments: { device: CONSOLE_DEVICE, size: CONSOLE_RING_BYTES, format: 'base64' } }];
-}
-
-/** sun_path is 108 bytes including the terminating NUL: the longest unix socket path. */
-export const SUN_PATH_MAX = 107;
-
-/** Files the driver and the argv agree on, relative to the workload dir. */
-export const VM_FILES = {
-  disk: 'disk.qcow2',
-  seed: 'seed.iso',
-  pidfile: 'qemu.pid',
-  serialLog: 'serial.log',
-  meta: 'vm.json',
-  passtSocket: 'passt.sock',
-  passtPidfile: 'passt.pid',
-  passtLog: 'passt.log',
-  qmpSocket: 'qmp.sock',
-  qgaSocket: 'qga.sock',
-} as const;
-
-export function vmFile(dir: string, file: keyof typeof VM_FILES): string {
-  return path.join(dir, VM_FILES[file]);
 }
 
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;

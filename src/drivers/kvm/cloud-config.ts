@@ -75,7 +75,7 @@ function commonCloudConfig(input: IdleCloudConfigInput): Record<string, unknown>
     write_files: [
       { path: SSHD_DROPIN_PATH, owner: 'root:root', permissions: '0644', content: SSHD_DROPIN_CONTENT },
     ],
-    // RSA host key generation costs ~10 s under TCG.
+    // RSA host key generation is the slowest step of a first boot under TCG (docs/driver.md).
     ssh_genkeytypes: ['ed25519', 'ecdsa'],
     final_message: `${finalMessageFor(input.finalMessageToken)} cloud-init $version finished at $timestamp, up $uptime s`,
   };

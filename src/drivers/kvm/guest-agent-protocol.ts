@@ -14,8 +14,6 @@
  * (answers to an earlier client that gave up) is dropped up to the delimiter,
  * and the id proves the answer after it is to this command.
  */
-import { SHA512_CRYPT_RE } from './cloud-config.js';
-
 /** The byte that resets the agent's parser and that precedes a delimited sync answer. */
 export const QGA_DELIMITER = 0xff;
 
@@ -46,15 +44,6 @@ export function encodeCommand(cmd: QgaCommand): Buffer {
 
 export function ping(): QgaCommand {
   return { execute: 'guest-ping' };
-}
-
-/** Root's password from its crypt hash: qemu-ga pipes `root:HASH` to `chpasswd -e`, so the hash must hold no `:` or newline. */
-export function setRootPasswordHash(hash: string): QgaCommand {
-  if (!SHA512_CRYPT_RE.test(hash)) throw new RangeError('password hash must be a SHA-512 crypt hash');
-  return {
-    execute: 'guest-set-user-password',
-    arguments: { username: 'root', password: Buffer.from(hash, 'utf8').toString('base64'), crypted: true },
-  };
 }
 
 /**

@@ -118,11 +118,28 @@ export class GuestAgentSession {
 
   /** Send one command; resolve with its `return` value. An error answer rejects as `refused`, anything malformed as `lie`. */
   async call(cmd: QgaCommand, timeoutMs: number): Promise<unknown> {
-    this.write(encodeCommand(cmd));
-    const answer = parseAnswer(this.lineOf(await this.next(Date.now() + timeoutMs, cmd.execute)));
-    if (answer.kind === 'return') return answer.value;
-    if (answer.kind === 'error') throw new GuestAgentError('refused', `${cmd.execute}: ${answer.errorClass}${answer.desc ? `: ${answer.desc}` : ''}`);
-    throw new GuestAgentError('lie', `${cmd.execute}: ${answer.why}`);
+    const [value] = await this.callAll([cmd], timeoutMs);
+    return value;
+  }
+
+  /**
+   * Send several commands at once and resolve with their `return` values in
+   * order: qemu-ga answers one command after another, so a batch costs one
+   * round trip through the virtio channel instead of one per command. Only
+   * for commands that need nothing from each other's answers. The first error
+   * or malformed answer rejects (the session is not to be used after that).
+   */
+  async callAll(cmds: readonly QgaCommand[], timeoutMs: number): Promise<unknown[]> {
+    const deadline = Date.now() + timeoutMs;
+    this.write(Buffer.concat(cmds.map(encodeCommand)));
+    const out: unknown[] = [];
+    for (const cmd of cmds) {
+      const answer = parseAnswer(this.lineOf(await this.next(deadline, cmd.execute)));
+      if (answer.kind === 'error') throw new GuestAgentError('refused', `${cmd.execute}: ${answer.errorClass}${answer.desc ? `: ${answer.desc}` : ''}`);
+      if (answer.kind === 'invalid') throw new GuestAgentError('lie', `${cmd.execute}: ${answer.why}`);
+      out.push(answer.value);
+    }
+    return out;
   }
 
   /** Hang up. Idempotent. */

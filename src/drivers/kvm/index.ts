@@ -1,6 +1,8 @@
-export { KvmDriver, type VmMeta } from './driver.js';
+export { KvmDriver } from './driver.js';
+export type { VmMeta } from './vm-meta.js';
 export type { KvmDriverConfig } from './config.js';
-export { buildQemuArgv, QEMU_SANDBOX, VM_FILES, vmFile, type QemuArgs } from './argv.js';
+export { buildQemuArgv, QEMU_SANDBOX, type QemuArgs } from './argv.js';
+export { VM_FILES, vmFile, workloadDir, isWorkloadId, SUN_PATH_MAX, type VmFileKey } from './workload-files.js';
 export {
   buildCloudConfig,
   cloudConfigObject,

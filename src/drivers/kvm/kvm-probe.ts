@@ -10,7 +10,7 @@
  * `L` and exits through isa-debug-exit (qemu exit code 33). That is the same
  * path every x86-64 kernel takes early in boot, so a probe that prints `PL`
  * and exits 33 means qemu with this accelerator can boot real guests.
- * Under TCG it takes ~250 ms here; under working KVM, less.
+ * It takes a fraction of a second under TCG (docs/driver.md), less under KVM.
  *
  * Source (GNU as, `as --32` + `ld -m elf_i386 -Ttext 0 --oformat binary`,
  * first 174 bytes; the page tables live in the multiboot bss that qemu zeroes):

@@ -2,11 +2,11 @@
  * Disk overlays: a qcow2 file per workload that backs onto the read-only base
  * image. `qemu-img create` with the same backing file, backing format and size
  * writes the same bytes every time (a header naming the backing file and empty
- * L1/refcount tables, ~200 KiB, no per-image identity), so qemu-img makes one
+ * L1/refcount tables, no per-image identity), so qemu-img makes one
  * template per size per agent run and each workload gets a copy of it: a copy
- * takes well under a millisecond where a qemu-img process costs ~10 ms of CPU
- * on the spawn's critical path (bench B1/B2). A test checks the copy is
- * byte-identical to what qemu-img makes for the workload directly.
+ * is far cheaper than a qemu-img process on the spawn's critical path
+ * (docs/driver.md). A test checks the copy is byte-identical to what qemu-img
+ * makes for the workload directly.
  */
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';

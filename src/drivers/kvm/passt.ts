@@ -10,11 +10,16 @@
  * test/integration/guest-network.test.ts).
  *
  * `buildPasstArgv` is pure; the rest is process plumbing in the same style as
- * process.ts (pidfile, /proc identity check before any signal).
+ * process.ts (pidfile, /proc identity check before any signal), and the
+ * launch of one workload's passt.
  */
+import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { SUN_PATH_MAX } from './argv.js';
-import { findPids, processArgv, readPidfile, stopIdentified } from './process.js';
+import { execa } from 'execa';
+import type { Logger } from '../../util/logger.js';
+import { DriverError } from '../types.js';
+import { SUN_PATH_MAX, vmFile } from './workload-files.js';
+import { findPids, outputTail, processArgv, readPidfile, stopIdentified, waitForPidfile } from './process.js';
 
 /** What passt prints (and exits 1 with) when the forwarded port is taken. */
 export const PASST_PORT_TAKEN = 'Failed to bind any port';
@@ -124,4 +129,61 @@ export async function stopPasst(socket: string, pidfile: string, timeoutMs: numb
   const fromFile = await readPidfile(pidfile);
   if (fromFile !== undefined) pids.add(fromFile);
   for (const pid of pids) await stopIdentified(pid, () => isPasstProcess(pid, socket), timeoutMs, `passt for ${socket}`);
+}
+
+export interface PasstLaunch {
+  /** The workload directory: socket, pidfile and log go there. */
+  dir: string;
+  binary: string;
+  bindAddress: string;
+  sshPort: number;
+  /** How long passt may take to daemonize and write its pidfile. */
+  startTimeoutMs: number;
+  stopTimeoutMs: number;
+  log: Logger;
+}
+
+/**
+ * Start a workload's passt (it daemonizes once its socket and the SSH port are
+ * bound) and check the pidfile names it. 'port-taken' when the SSH port is
+ * held by someone else; then, as on a throw, no passt of this workload is left running.
+ */
+export async function launchPasst(l: PasstLaunch): Promise<'ok' | 'port-taken'> {
+  const socket = vmFile(l.dir, 'passtSocket');
+  const pidfile = vmFile(l.dir, 'passtPidfile');
+  // Leftovers of a previous attempt (its passt is already stopped) would be mistaken for this one's.
+  await rm(socket, { force: true });
+  await rm(pidfile, { force: true });
+  const uid = process.getuid?.();
+  const gid = process.getgid?.();
+  const argv = buildPasstArgv({
+    socket,
+    pidfile,
+    logFile: vmFile(l.dir, 'passtLog'),
+    bindAddress: l.bindAddress,
+    sshPort: l.sshPort,
+    runAs: uid === 0 && gid !== undefined ? { uid, gid } : undefined,
+  });
+  const t = Date.now();
+  const res = await execa(l.binary, argv, {
+    stdin: 'ignore',
+    stdout: 'ignore',
+    stderr: 'pipe',
+    reject: false,
+    timeout: l.startTimeoutMs,
+  });
+  l.log.info({ phase: 'passt', ms: Date.now() - t, exitCode: res.exitCode, sshPort: l.sshPort }, 'passt launcher returned');
+  if (res.exitCode !== 0) {
+    await stopPasst(socket, pidfile, l.stopTimeoutMs);
+    const stderr = outputTail(res.stderr as string | undefined);
+    if (stderr.includes(PASST_PORT_TAKEN)) return 'port-taken';
+    if (res.timedOut) throw new DriverError('timeout', 'passt did not start in time', stderr);
+    throw new DriverError('launch_failed', `passt could not be started: ${res.shortMessage ?? `exit code ${res.exitCode}`}`, stderr);
+  }
+  const pid = await waitForPidfile(pidfile, l.startTimeoutMs);
+  if (pid === undefined || !(await isPasstProcess(pid, socket))) {
+    await stopPasst(socket, pidfile, l.stopTimeoutMs);
+    throw new DriverError('launch_failed', 'passt did not stay up (no pidfile or wrong process)');
+  }
+  return 'ok';
 }

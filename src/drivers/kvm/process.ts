@@ -8,9 +8,16 @@ import { readdir, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from '../../util/logger.js';
 import { qemuOptionValue } from './qemu-option.js';
 
 const POLL_MS = 50;
+
+/** The end of a launcher's output, trimmed: error details keep the last lines, where the reason is. */
+export function outputTail(text: string | undefined, max = 2000): string {
+  const t = (text ?? '').trim();
+  return t.length > max ? t.slice(-max) : t;
+}
 
 export async function readPidfile(file: string): Promise<number | undefined> {
   let text: string;
@@ -227,4 +234,40 @@ export async function lowerProcessPriority(pid: number, nice: number): Promise<{
     }
   }
   return { threads: done.size, autogroup };
+}
+
+/**
+ * Lower a new qemu's priority as soon as its pidfile names it, while its
+ * daemonizing launcher still runs: the child is already in its own session
+ * (autogroup) at full weight and its vCPU spins before the parent returns,
+ * which under a burst starves the agent's next spawns. Polls finely, as a
+ * launch is over in a fraction of a second. Best effort: returns the pid it
+ * lowered, if it got to one, and the caller checks identity again.
+ */
+export async function lowerPriorityWhileLaunching(
+  pidfile: string,
+  name: string,
+  nice: number,
+  launch: Promise<unknown>,
+  log: Logger,
+): Promise<number | undefined> {
+  let settled = false;
+  void launch.finally(() => {
+    settled = true;
+  });
+  while (!settled) {
+    const pid = await readPidfile(pidfile);
+    if (pid !== undefined && (await isVmProcess(pid, name))) {
+      try {
+        const lowered = await lowerProcessPriority(pid, nice);
+        log.debug({ pid, nice, ...lowered }, 'guest CPU priority lowered during launch');
+        return pid;
+      } catch (err) {
+        log.debug({ err }, 'could not lower guest priority during launch');
+        return undefined;
+      }
+    }
+    await sleep(5);
+  }
+  return undefined;
 }

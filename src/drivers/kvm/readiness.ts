@@ -3,10 +3,53 @@
  *  - the forwarded port answers with an `SSH-2.0-` banner (qemu listens on the
  *    host port before the guest does, so a TCP connect alone proves nothing);
  *  - for cloud-init guests, cloud-init's final message carrying this VM's
- *    token appears on the serial console — the banner comes ~10 s before the
- *    root password is set.
+ *    token appears on the serial console — the banner comes before the root
+ *    password is set.
+ * `waitUntilReady` polls both (and whether the VM still runs) until the guest
+ * is ready, dies, or the time is up.
  */
 import { connect } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { ReadyResult } from '../types.js';
+
+export interface ReadinessProbe {
+  /** Whether the VM's process still runs. */
+  running: () => Promise<boolean>;
+  /** Drain the console and return it as far as it is kept. */
+  readConsole: () => Promise<string>;
+  /** Where the guest's sshd answers. */
+  host: string;
+  port: number;
+  /** The console line that says cloud-init is done; without one the SSH banner alone is readiness. */
+  finalMessage?: string;
+}
+
+/** Poll until the guest is ready, its process is gone, or `timeoutMs` after `t0` (when the wait began). */
+export async function waitUntilReady(p: ReadinessProbe, opts: { timeoutMs: number; signal?: AbortSignal }, t0 = Date.now()): Promise<ReadyResult> {
+  let banner = false;
+  for (;;) {
+    if (!(await p.running())) return notReady('died', t0, p.readConsole);
+    // Drained at every poll, whatever the readiness mode: the boot_failed
+    // tail needs it, and the ring must not overwrite cloud-init's final message.
+    const console = await p.readConsole();
+    // The banner is cheap to keep probing until it first answers; after that
+    // only the console marker is awaited.
+    banner ||= await probeSshBanner(p.host, p.port, 2000);
+    if (banner && (p.finalMessage === undefined || console.includes(p.finalMessage))) {
+      return { ready: true, ms: Date.now() - t0 };
+    }
+    if (Date.now() - t0 >= opts.timeoutMs || opts.signal?.aborted) return notReady('timeout', t0, p.readConsole);
+    // A boot takes seconds to minutes: a half-second poll costs nothing and
+    // reacts to a dead qemu at once.
+    await sleep(500);
+  }
+}
+
+/** A boot that ended without readiness, with the console's last lines (a dead qemu's ring is gone: what the last reads drained). */
+export async function notReady(reason: 'died' | 'timeout', t0: number, readConsole: () => Promise<string>): Promise<ReadyResult> {
+  const ms = Date.now() - t0;
+  return { ready: false, reason, ms, consoleTail: consoleTail(await readConsole()) };
+}
 
 /** Read the first bytes a TCP server sends; true if they start an SSH banner. */
 export function probeSshBanner(host: string, port: number, timeoutMs = 3000): Promise<boolean> {

@@ -8,37 +8,28 @@
  * guest), so a VM is never handed to a second tenant, not even across an
  * agent restart.
  */
-import { rename, writeFile } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import type { Logger } from '../../util/logger.js';
 import type { PasswordHasher } from '../../util/password-hasher.js';
 import { DriverError, type IdleSpec, type ReadyResult, type TenantSpec, type WarmPoolSupport, type WorkloadHandle } from '../types.js';
-import { vmFile } from './argv.js';
+import { vmFile } from './workload-files.js';
+import { writeVmMeta, type VmMeta } from './vm-meta.js';
 import { ping, isEmptyReturn } from './guest-agent-protocol.js';
 import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
-import { closeGuestAgentChannel, configureTenant, type HandOffTimings } from './handoff.js';
-import { consoleTail, probeSshBanner } from './readiness.js';
-
-/** vm.json's `warm` field: absent on cold VMs. */
-export type WarmState = 'idle' | 'handed-off';
-
-/** The part of vm.json this module reads and rewrites. */
-export interface WarmMeta {
-  warm?: WarmState;
-}
+import { checkTenantAccess, configureTenant, removeGuestAgentPort, type HandOffTimings } from './handoff.js';
+import { consoleTail } from './readiness.js';
 
 /** What the pool needs from the driver; the driver passes closures over its own internals. */
-export interface WarmPoolHost<M extends WarmMeta> {
+export interface WarmPoolHost {
   /** The driver's create path for an idle VM (its lock held, its cleanup on failure). */
   createIdle(spec: IdleSpec): Promise<WorkloadHandle>;
   waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult>;
   /** Run `fn` while no create/destroy of the same id runs. */
   exclusive<T>(id: string, fn: () => Promise<T>): Promise<T>;
   workloadDir(id: string): string;
-  readMeta(id: string): Promise<M | undefined>;
+  readMeta(id: string): Promise<VmMeta | undefined>;
   isRunning(id: string): Promise<boolean>;
   readConsole(id: string): Promise<string>;
-  /** Where the host reaches the guest's sshd (the forwarded port, or a tap guest's own address). */
-  sshTarget(meta: M): { host: string; port: number };
   hasher: PasswordHasher;
   logger: Logger;
 }
@@ -50,11 +41,11 @@ const IDLE_SYNC_TIMEOUT_MS = 5_000;
 /** Removing the channel over QMP is qemu's work, not the guest's: quick, but bounded. */
 const CHANNEL_CLOSE_TIMEOUT_MS = 3_000;
 
-export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
+export class KvmWarmPool implements WarmPoolSupport {
   /** Sync ids sent per VM, so that a late answer to one of our own timed-out syncs is not taken for a lie. */
   private readonly syncIds = new Map<string, Set<number>>();
 
-  constructor(private readonly host: WarmPoolHost<M>) {}
+  constructor(private readonly host: WarmPoolHost) {}
 
   createIdle(spec: IdleSpec): Promise<WorkloadHandle> {
     return this.host.createIdle(spec);
@@ -99,7 +90,11 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     } catch {
       return Promise.reject(new DriverError('handoff_failed', 'invalid workload id'));
     }
-    return this.host.exclusive(id, () => this.handOffLocked(id, dir, tenant, opts));
+    // Resolves the moment login is open; the lock is held until qemu has let
+    // go of the channel too, so a destroy right after waits for that.
+    return new Promise<void>((resolve, reject) => {
+      this.host.exclusive(id, () => this.handOffLocked(id, dir, tenant, opts, resolve)).then(resolve, reject);
+    });
   }
 
   /** Drop what is kept about a VM (the driver calls this when it destroys one). */
@@ -107,7 +102,13 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     this.syncIds.delete(id);
   }
 
-  private async handOffLocked(id: string, dir: string, tenant: TenantSpec, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void> {
+  private async handOffLocked(
+    id: string,
+    dir: string,
+    tenant: TenantSpec,
+    opts: { timeoutMs: number; signal?: AbortSignal },
+    loginOpen: () => void,
+  ): Promise<void> {
     const { host } = this;
     const log = host.logger.child({ workloadId: id });
     const t0 = performance.now();
@@ -117,39 +118,45 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
       throw new DriverError('handoff_failed', meta?.warm === 'handed-off' ? 'this VM was handed off before' : 'not an idle pool VM');
     }
     if (opts.signal?.aborted) throw new DriverError('handoff_failed', 'aborted');
+    try {
+      checkTenantAccess(tenant);
+    } catch (err) {
+      // The caller's bug, not the VM's: it stays idle for the next hand-off.
+      throw new DriverError('handoff_failed', (err as Error).message);
+    }
     if (!(await host.isRunning(id))) throw new DriverError('handoff_failed', 'the VM is not running');
     // Recorded before the guest hears anything: whatever happens next, this VM is never offered again.
-    await writeMetaAtomically(vmFile(dir, 'meta'), { ...meta, warm: 'handed-off' });
+    await writeVmMeta(dir, { ...meta, warm: 'handed-off' });
 
     const timings: HandOffTimings = {};
     const hashing = host.hasher.hash(tenant.rootPassword);
     hashing.catch(() => undefined);
-    // sshd answered before (waitIdle): one probe, side by side with the guest-agent work.
-    const target = host.sshTarget(meta);
-    const banner = probeSshBanner(target.host, target.port, Math.max(1, deadline - Date.now()));
     let session: GuestAgentSession | undefined;
+    let failure: DriverError | undefined;
     try {
       session = await GuestAgentSession.open(vmFile(dir, 'qgaSocket'), { connectTimeoutMs: Math.max(1, deadline - Date.now()), signal: opts.signal });
       const passwordHash = await hashing;
       await configureTenant(session, { hostname: tenant.hostname, passwordHash, sshKeys: tenant.sshKeys }, { deadline, earlierSyncIds: this.idsOf(id) }, timings);
-      session.close();
-      const t = performance.now();
-      if (!(await banner)) throw new DriverError('handoff_failed', 'sshd does not answer with a banner');
-      timings.banner = Math.round(performance.now() - t);
     } catch (err) {
-      const message = err instanceof GuestAgentError || err instanceof DriverError ? err.message : 'hand-off failed';
-      log.warn({ reason: err instanceof GuestAgentError ? err.reason : undefined, ms: Math.round(performance.now() - t0) }, `hand-off failed: ${message}`);
-      throw err instanceof DriverError ? err : new DriverError('handoff_failed', message);
+      // A RangeError is the caller's value refused before anything was sent; its message holds no guest text.
+      failure = new DriverError('handoff_failed', err instanceof GuestAgentError || err instanceof RangeError ? err.message : 'hand-off failed');
+      log.warn({ reason: err instanceof GuestAgentError ? err.reason : undefined, ms: Math.round(performance.now() - t0) }, `hand-off failed: ${failure.message}`);
     } finally {
       session?.close();
       this.syncIds.delete(id);
-      const t = performance.now();
-      const removed = await closeGuestAgentChannel(vmFile(dir, 'qgaSocket'), vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS);
-      timings.close = Math.round(performance.now() - t);
-      // The socket file is gone either way: nobody can reach the agent. qemu keeping the port is worth a warning, not a failure.
-      if (!removed) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
     }
-    log.info({ phase: 'handoff', ms: Math.round(performance.now() - t0), steps: timings }, 'VM handed off');
+    // Nothing is read from the guest agent any more, and with the socket file
+    // gone nobody can connect to it: the tenant may be told now.
+    await rm(vmFile(dir, 'qgaSocket'), { force: true });
+    if (!failure) {
+      log.info({ phase: 'handoff', ms: Math.round(performance.now() - t0), steps: timings }, 'VM handed off');
+      loginOpen();
+    }
+    const tClose = performance.now();
+    // qemu keeping the port is worth a warning, not a failure: its socket is unlinked.
+    if (!(await removeGuestAgentPort(vmFile(dir, 'qmpSocket'), CHANNEL_CLOSE_TIMEOUT_MS))) log.warn('guest-agent port not removed from qemu (its socket is unlinked)');
+    else log.debug({ ms: Math.round(performance.now() - tClose) }, 'guest-agent port removed from qemu');
+    if (failure) throw failure;
   }
 
   private idsOf(id: string): Set<number> {
@@ -157,10 +164,4 @@ export class KvmWarmPool<M extends WarmMeta> implements WarmPoolSupport {
     if (!ids) this.syncIds.set(id, (ids = new Set()));
     return ids;
   }
-}
-
-async function writeMetaAtomically(file: string, meta: object): Promise<void> {
-  const tmp = `${file}.tmp`;
-  await writeFile(tmp, `${JSON.stringify(meta, null, 2)}\n`, { mode: 0o600 });
-  await rename(tmp, file);
 }
