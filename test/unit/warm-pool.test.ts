@@ -4,7 +4,14 @@
  * a hand-off): spawns served from the pool, take-once, counting against the
  * host's limits, refill with backoff, fallbacks, reload and restarts.
  */
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
+import { PaymentFlow } from '../../src/agent/payment-flow.js';
+import { PaymentJournal } from '../../src/agent/payment-journal.js';
+import { silentLogger } from '../../src/util/logger.js';
+import { Gate } from '../support/gate.js';
 import { backoffMs, poolStep, type PoolVm } from '../../src/agent/warm-pool.js';
 import type { Plan } from '../../src/agent/plans.js';
 import { BIG_PLAN, closeHarnesses, Harness, hex32, POOLED_PLAN, SMALL_PLAN, SPAWN, WAIT } from '../support/agent-harness.js';
@@ -234,6 +241,40 @@ describe('a hand-off that fails', () => {
     expect(reply).toMatchObject({ type: 'error', code: 'busy', paid_msats: 600_000, refund_msats: 600_000, refund_token: expect.any(String) });
     expect(h.driver.createCalls).toEqual([]);
     expect(h.leases.all()).toEqual([]);
+  });
+});
+
+/** A payment flow whose settlement of a spawn waits at a gate (the agent killed between lease and settlement). */
+class HeldFinishFlow extends PaymentFlow {
+  finishGate: Gate | undefined;
+  override async finish(...args: Parameters<PaymentFlow['finish']>): ReturnType<PaymentFlow['finish']> {
+    if (this.finishGate) await this.finishGate.passed;
+    return super.finish(...args);
+  }
+}
+
+describe('a paid spawn served by the second pool VM', () => {
+  it('cut short by a restart after its lease: answered with its access details and paid, not refunded', async () => {
+    const payments = new FakePayments();
+    const stateDir = mkdtempSync(join(tmpdir(), 'paygress-unit-'));
+    const policy = { minimumSeconds: 60, maxLeaseSeconds: 86_400 };
+    const flow = new HeldFinishFlow({ payments, journal: new PaymentJournal(stateDir), policy, logger: silentLogger });
+    const plan: Plan = { ...POOLED_PLAN, rateMsatsPerSec: 1000 };
+    const h = await pooled({ stateDir, plans: [plan], payments, paymentFlow: flow });
+    await poolReady(h, 2);
+    const [first, second] = h.pool!.ids();
+    h.driver.handOffOutcomes = ['fail'];
+    flow.finishGate = new Gate();
+    const { requestId } = h.deliver(hex32(), { ...POOLED_SPAWN, cashu_token: fakeToken(600_000) });
+    // The payment names the first VM; the lease is the second's.
+    await vi.waitFor(() => expect(h.leases.get(second!)?.requestId).toBe(requestId), WAIT);
+    expect(h.driver.destroyCalls).toContain(first);
+
+    const after = await h.restart({ paymentFlow: undefined }).start();
+    const answer = await after.outbox.next((s) => s.route.replyTo === requestId, 'the answer after restart');
+    expect(answer.message).toMatchObject({ type: 'access_details', workload_id: second, paid_msats: 600_000, refund_msats: 0 });
+    expect(payments.refunded(requestId)).toBe(0);
+    expect(after.leases.get(second!)).toBeDefined();
   });
 });
 
