@@ -257,6 +257,8 @@ export interface Holding {
   vcpus: number;
   memoryMb: number;
   diskGb?: number;
+  /** An idle VM of the agent's own (the warm pool) that `evictIdle` may give up for a spawn. */
+  evictable?: boolean;
 }
 
 export interface DiskAdmission {
@@ -275,20 +277,40 @@ export class SpawnAdmission {
   private readonly reserved = new Set<Holding>();
 
   /** `live()` lists what running workloads hold (the lease table). */
+  /**
+   * Frees the room of one idle VM of the agent's own (it leaves `live()` at
+   * once); false when there is none. Asked when a spawn finds no room.
+   */
+  evictIdle: (() => boolean) | undefined;
+
   constructor(
     private limits: SpawnLimits,
     private readonly live: () => Iterable<Holding>,
     private readonly disk?: DiskAdmission,
   ) {}
 
+  /** The verdict with `live` holding what it holds. Throws when the disk cannot be read at all. */
+  private judge(sender: string, want: Want, live: Holding[]): RequestError | null {
+    let disk: { reading: DiskReading; reserveGb: number } | undefined;
+    if (this.disk && want.diskGb !== undefined) {
+      try {
+        disk = { reading: this.disk.read(live), reserveGb: this.disk.reserveGb };
+      } catch {
+        // The VM root cannot even be read: no promise can be kept on it.
+        throw new RequestError('capacity_exhausted', 'this host cannot check its disk space right now');
+      }
+    }
+    return checkSpawn(this.usage(sender, live), want, this.limits, disk);
+  }
+
   /** New caps (config reload): the next spawn is judged by them; running workloads are left alone. */
   setLimits(limits: SpawnLimits): void {
     this.limits = limits;
   }
 
-  usage(sender: string): Usage {
+  usage(sender: string, live: Iterable<Holding> = this.live()): Usage {
     const u: Usage = { senderVms: 0, vms: 0, inFlight: this.reserved.size, vcpus: 0, memoryMb: 0, diskGb: 0 };
-    for (const h of [...this.live(), ...this.reserved]) {
+    for (const h of [...live, ...this.reserved]) {
       u.vms++;
       u.vcpus += h.vcpus;
       u.memoryMb += h.memoryMb;
@@ -304,20 +326,33 @@ export class SpawnAdmission {
    * loop, so no other spawn can slip in between.
    */
   reserve(sender: string, want: Want): Reservation {
+    let refusal = this.judge(sender, want, [...this.live()]);
+    // Room held by VMs nobody uses yet (the warm pool) is a tenant's for the
+    // asking, when giving them all up would make room (else none is given up).
+    if (refusal?.code === 'capacity_exhausted' && this.evictIdle && !this.judge(sender, want, [...this.live()].filter((h) => !h.evictable))) {
+      while (refusal && this.evictIdle()) refusal = this.judge(sender, want, [...this.live()]);
+    }
+    if (refusal) throw refusal;
+    const hold: Holding = { owner: sender, vcpus: want.vcpus, memoryMb: want.memoryMb, diskGb: want.diskGb };
+    this.reserved.add(hold);
+    return { release: () => void this.reserved.delete(hold) };
+  }
+
+  /**
+   * Whether the host's limits leave room for one more VM of the agent's own
+   * (the warm pool): the same check as a spawn's, with no sender quota and
+   * nothing reserved; the caller makes the VM count (in `live()`) in the same turn.
+   */
+  roomFor(want: Want): RequestError | null {
     let disk: { reading: DiskReading; reserveGb: number } | undefined;
     if (this.disk && want.diskGb !== undefined) {
       try {
         disk = { reading: this.disk.read([...this.live()]), reserveGb: this.disk.reserveGb };
       } catch {
-        // The VM root cannot even be read: no promise can be kept on it.
-        throw new RequestError('capacity_exhausted', 'this host cannot check its disk space right now');
+        return new RequestError('capacity_exhausted', 'this host cannot check its disk space right now');
       }
     }
-    const refusal = checkSpawn(this.usage(sender), want, this.limits, disk);
-    if (refusal) throw refusal;
-    const hold: Holding = { owner: sender, vcpus: want.vcpus, memoryMb: want.memoryMb, diskGb: want.diskGb };
-    this.reserved.add(hold);
-    return { release: () => void this.reserved.delete(hold) };
+    return checkSpawn({ ...this.usage(''), senderVms: 0 }, want, this.limits, disk);
   }
 
   get inFlight(): number {

@@ -13,7 +13,7 @@ import { RequestError } from '../protocol/errors.js';
 import type { SpawnRequest, StatusRequest, StopRequest, TopupRequest } from '../protocol/requests.js';
 import { accessDetailsReply, errorReply, statusReply, stoppedReply, toppedUpReply, withPayment, type ErrorReply, type Reply } from '../protocol/replies.js';
 import type { Logger } from '../util/logger.js';
-import type { SpawnAdmission } from './admission.js';
+import type { Reservation, SpawnAdmission } from './admission.js';
 import type { Allowlist } from './allowlist.js';
 import { RefundedError, type PaymentFlow, type Settlement } from './payment-flow.js';
 import type { PaymentRecord } from './payment-journal.js';
@@ -22,6 +22,7 @@ import { secondsLeft, type Lease, type LeaseStore } from './leases.js';
 import { resolveResources, type Plan } from './plans.js';
 import { chooseTier, type TierOffer } from './tiers.js';
 import type { SpawnOutcome, Workloads } from './workloads.js';
+import type { WarmPool } from './warm-pool.js';
 
 /** What the handlers read; the agent's options, shared, so a reload reaches them from the next request on. */
 export interface HandlerOptions {
@@ -38,6 +39,8 @@ export interface HandlerOptions {
   admissionMode?: 'open' | 'allowlist' | 'paid';
   allowlist?: Allowlist;
   payment?: PaymentFlow;
+  /** Idle VMs for spawns of their plan's full size (plans with `warmPool` > 0). */
+  warmPool?: WarmPool;
 }
 
 /** Who asked, and which request of theirs this is. */
@@ -73,11 +76,16 @@ export class RequestHandlers {
       );
     }
     if (!this.opts.workloads.runs(tier.driver)) throw new Error(`tier ${tier.level} names driver ${tier.driver}, which is not running`);
+    // A pool VM leaves the pool before the reservation, which then counts it
+    // once; it goes back untouched on any way out before its hand-off.
+    const claim = this.opts.warmPool?.take(tier.driver, resources);
     // Reserved before anything touches the host; released on every way out
     // (once the spawn's outcome is known its lease, if any, counts instead).
-    const reservation = this.opts.admission?.reserve(msg.sender, resources);
+    let reservation: Reservation | undefined;
     try {
-      const workloadId = `w-${randomBytes(6).toString('hex')}`;
+      reservation = this.opts.admission?.reserve(msg.sender, resources);
+      if (!claim) this.opts.warmPool?.refuseWhenEmpty(tier.driver, resources);
+      const workloadId = claim?.id ?? `w-${randomBytes(6).toString('hex')}`;
       // Every free check above has passed: only now is the token looked at, and swapped.
       const payment = await this.chargeForSpawn(req, msg, dialect, resources.plan, workloadId);
       const order = {
@@ -93,6 +101,7 @@ export class RequestHandlers {
         ...(payment ? { paid: { mint: payment.mint, unit: payment.unit, msats: (payment.msats ?? 0) - (payment.refundMsats ?? 0) } } : {}),
         rootPassword: req.root_password,
         sshKeys: req.ssh_keys ?? [],
+        ...(claim ? { claim } : {}),
       };
       await this.opts.workloads.spawn(order, async (outcome) => {
         reservation?.release();
@@ -100,6 +109,7 @@ export class RequestHandlers {
       });
     } finally {
       reservation?.release();
+      claim?.release();
     }
   }
 

@@ -10,6 +10,10 @@ export interface Plan {
   durationSeconds: number;
   /** 0 = free; otherwise what a paid lease costs per second. */
   rateMsatsPerSec?: number;
+  /** Idle VMs kept booted for this plan (the warm pool); 0 or absent = none. */
+  warmPool?: number;
+  /** A full-size spawn that finds the pool empty boots cold (default) or is refused `busy`. */
+  whenPoolEmpty?: 'cold' | 'busy';
 }
 
 export interface Resources {

@@ -39,6 +39,7 @@ import type { Outbox, Route } from './outbox.js';
 import type { PaymentFlow, Settlement } from './payment-flow.js';
 import type { PaymentRecord } from './payment-journal.js';
 import type { Plan, Resources } from './plans.js';
+import type { PoolClaim, WarmPool } from './warm-pool.js';
 
 /**
  * Where a live workload is in its life. `failing`: its boot failed and what
@@ -61,6 +62,8 @@ export interface WorkloadsOptions {
   /** The plans on offer now (they change on reload): upstream-shaped replies describe them. */
   plans: () => readonly Plan[];
   payment?: PaymentFlow;
+  /** Idle VMs to hand to spawns of their plan; none = every spawn boots cold. */
+  warmPool?: WarmPool;
 }
 
 /** Everything a spawn needs once the agent has admitted (and charged for) it. */
@@ -78,6 +81,8 @@ export interface SpawnOrder {
   paid?: Lease['paid'];
   rootPassword: string;
   sshKeys: string[];
+  /** The pool VM this spawn took (its id is `workloadId`), handed off before any other is tried. */
+  claim?: PoolClaim;
 }
 
 export type SpawnOutcome = { ok: true; lease: Lease } | { ok: false; error: unknown };
@@ -146,7 +151,7 @@ export class Workloads {
         this.opts.inflight.begin({ requestId: order.requestId, sender: order.owner, channel: order.channel, workloadId: id, driver: order.driver, startedAt: new Date(started).toISOString() });
       const { resources } = order;
       const spec = { id: workloadId, hostname: workloadId, vcpus: resources.vcpus, memoryMb: resources.memoryMb, diskGb: resources.diskGb, rootPassword: order.rootPassword, sshKeys: order.sshKeys };
-      const acquired = await this.acquire(driver, spec, journal);
+      const acquired = await this.acquire(driver, spec, journal, order, log);
       if (acquired.handle.id !== workloadId) {
         this.phases.delete(workloadId);
         workloadId = acquired.handle.id;
@@ -168,7 +173,7 @@ export class Workloads {
       // starts after the answer: in between, a death is still the watch's to
       // report (boot_failed), not the supervisor's (workload_lost).
       this.phases.set(workloadId, readyAtOnce ? 'ready' : 'booting');
-      log.info({ sshPort: acquired.handle.sshPort, tier: order.isolationLevel, ms: Date.now() - started }, 'workload started');
+      log.info({ sshPort: acquired.handle.sshPort, tier: order.isolationLevel, pooled: readyAtOnce, ms: Date.now() - started }, 'workload started');
       outcome = { ok: true, lease };
     } catch (error) {
       this.phases.delete(workloadId);
@@ -187,11 +192,17 @@ export class Workloads {
   /**
    * The one place a workload is acquired for a tenant. `journal(id)` names
    * the VM in the spawn journal before the host is touched for it (again for
-   * each VM tried). Today a cold `create`, which boots. The warm pool plugs in
-   * here: it hands off an idle VM (`driver.warm`, which keeps its own id and
-   * takes the tenant's login at once: `ready`), falling back to `create`.
+   * each VM tried). With a warm pool, the spawn's claimed idle VM is handed
+   * off (it keeps its own id and takes the tenant's login at once: `ready`),
+   * then the next idle one, then a cold `create` (warm-pool.ts); without, a
+   * cold `create`, which boots.
    */
-  private async acquire(driver: ComputeDriver, spec: WorkloadSpec, journal: (id: string) => Promise<void>): Promise<Acquired> {
+  private async acquire(driver: ComputeDriver, spec: WorkloadSpec, journal: (id: string) => Promise<void>, order: SpawnOrder, log: Logger): Promise<Acquired> {
+    const pool = this.opts.warmPool;
+    if (pool) {
+      const { handle, pooled } = await pool.acquire(order.claim, driver, spec, order.resources, journal, log);
+      return { handle, ready: pooled };
+    }
     await journal(spec.id);
     return { handle: await driver.create(spec), ready: false };
   }
@@ -430,7 +441,7 @@ export class Workloads {
     const { leases } = this.opts;
     await flow.reconcile(
       (record) => {
-        const lease = leases.get(record.workloadId);
+        const lease = this.leaseOfPayment(record);
         if (!lease) return false;
         return record.kind === 'spawn' ? lease.requestId === record.ref : (lease.paidRefs ?? []).includes(record.ref);
       },
@@ -449,7 +460,7 @@ export class Workloads {
           if (notice) await this.opts.outbox.send({ ...route, replyTo: requestId }, notice);
           return;
         }
-        const lease = leases.get(record.workloadId);
+        const lease = this.leaseOfPayment(record);
         let reply: Reply;
         if (record.phase === 'leased' && lease) {
           reply =
@@ -465,6 +476,13 @@ export class Workloads {
         if (record.kind === 'spawn') await this.opts.inflight.end(record.ref);
       },
     );
+  }
+
+  /** A spawn whose pool VM failed its hand-off ended on another workload than the one its payment names: found by its request. */
+  private leaseOfPayment(record: PaymentRecord): Lease | undefined {
+    const named = this.opts.leases.get(record.workloadId);
+    if (named || record.kind !== 'spawn') return named;
+    return this.opts.leases.all().find((l) => l.requestId === record.ref);
   }
 
   private async close(lease: Lease, type: 'expired' | 'workload_lost', message: string): Promise<void> {

@@ -24,6 +24,14 @@ export const PlanSchema = z.object({
   durationSeconds: z.number().int().min(1).default(3600),
   /** Price per second of a lease (upstream `rate_msats_per_sec`), charged when `admission.mode` is `paid`; 0 = free. */
   rateMsatsPerSec: z.number().int().min(0).default(0),
+  /**
+   * Idle VMs of this plan kept booted for instant spawns (the warm pool); 0 = off.
+   * They count against `limits` like leased VMs. Only a spawn asking for the
+   * plan's full size takes one; smaller requests always boot cold.
+   */
+  warmPool: z.number().int().min(0).max(64).default(0),
+  /** With `warmPool` > 0, a full-size spawn that finds no idle VM: `cold` boots one as usual, `busy` refuses it (retry shortly). */
+  whenPoolEmpty: z.enum(['cold', 'busy']).default('cold'),
 });
 
 export const DiscoverySchema = z.object({

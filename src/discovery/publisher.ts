@@ -16,8 +16,10 @@ export interface DiscoveryPublisherOptions {
   pool: { publish(ev: NostrEvent): Promise<unknown> };
   /** Read at every beat, so a changed offer is republished. */
   offer: () => OfferFacts;
-  /** What leases hold right now. */
+  /** What leases (and the agent's own idle VMs) hold right now. */
   held: () => readonly HeldResources[];
+  /** Workloads to report as active; default: one per `held` entry. */
+  active?: () => number;
   vmRoot: string;
   heartbeatSeconds: number;
   logger: Logger;
@@ -52,9 +54,10 @@ export class DiscoveryPublisher {
       if (await this.publish(offer, 'offer')) this.lastOffer = offer.content;
     }
     const held = this.opts.held();
+    const active = this.opts.active?.() ?? held.length;
     const capacity = freeCapacity(await readHostResources(this.opts.vmRoot), held);
-    for (const ev of heartbeatEvents(this.opts.pubkey, held.length, capacity, now)) await this.publish(ev, 'heartbeat');
-    this.opts.logger.debug({ active: held.length, ...capacity }, 'heartbeat published');
+    for (const ev of heartbeatEvents(this.opts.pubkey, active, capacity, now)) await this.publish(ev, 'heartbeat');
+    this.opts.logger.debug({ active, ...capacity }, 'heartbeat published');
   }
 
   private async publish(tpl: EventTemplate, what: string): Promise<boolean> {

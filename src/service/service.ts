@@ -14,6 +14,7 @@ import { Allowlist } from '../agent/allowlist.js';
 import { PaymentFlow } from '../agent/payment-flow.js';
 import type { PricingPolicy } from '../agent/pricing.js';
 import { PaymentJournal } from '../agent/payment-journal.js';
+import { WarmPool } from '../agent/warm-pool.js';
 import { createPayments } from '../payment/index.js';
 import { join } from 'node:path';
 import type { Config } from '../config/schema.js';
@@ -44,6 +45,8 @@ const SEEN_RETENTION_SECONDS = 2 * SINCE_WINDOW_SECONDS;
 const MAX_UNOPENED_EVENTS = 1024;
 /** How often the counters line is logged (and once more at shutdown). */
 const STATS_INTERVAL_MS = 60_000;
+/** How long handing a pool VM to its tenant may take before that VM is destroyed and the next one tried. */
+const HANDOFF_TIMEOUT_MS = 20_000;
 
 export interface RunningService {
   pubkey: string;
@@ -108,9 +111,11 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   });
   const startLimits = spawnLimits(cfg.limits);
   logger.info({ hostCapacity: startLimits.hostCapacity, limits: { ...cfg.limits, hostCapacity: undefined } }, 'admission limits');
+  // Set below; admission counts its VMs like leased ones.
+  let warmPool: WarmPool | undefined;
   const admission = new SpawnAdmission(
     startLimits,
-    () => leases.all(),
+    () => [...leases.all(), ...(warmPool?.holdings() ?? [])],
     kvmDriver && {
       // A getter: reload() replaces cfg, and the reserve applies from the next spawn on.
       get reserveGb() {
@@ -119,6 +124,22 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       read: (live) => kvmDriver!.diskReading(live.flatMap((h) => (h.workloadId ? [h.workloadId] : []))),
     },
   );
+  // Typed as the contract: the pool needs only the driver's optional `warm` side.
+  const poolDriver: ComputeDriver | undefined = kvmDriver;
+  if (poolDriver?.warm) {
+    warmPool = new WarmPool({
+      driverName: 'kvm',
+      driver: poolDriver,
+      plans: cfg.plans,
+      admission,
+      logger: logger.child({ part: 'pool' }),
+      idleTimeoutMs: kvm!.readyTimeoutMs,
+      handOffTimeoutMs: HANDOFF_TIMEOUT_MS,
+    });
+    admission.evictIdle = () => warmPool!.evictIdle();
+  } else if (cfg.plans.some((p) => p.warmPool)) {
+    logger.warn({ plans: cfg.plans.filter((p) => p.warmPool).map((p) => p.id) }, 'plans ask for a warm pool but the driver cannot keep idle VMs; every spawn boots cold');
+  }
   const workloads = new Workloads({
     drivers,
     leases,
@@ -131,6 +152,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     // A getter: reload() replaces cfg.
     plans: () => cfg.plans,
     payment,
+    warmPool,
   });
   const agent = new Agent({
     publicHost: cfg.provider.publicHost,
@@ -150,6 +172,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
     admissionMode: cfg.admission.mode,
     allowlist,
     payment,
+    warmPool,
   });
   const supervisor = new Supervisor({ workloads, tickMs: cfg.leases.checkIntervalMs });
 
@@ -199,7 +222,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   // One line with every counter from frame to reply: what a flood cost and where it was stopped.
   const logStats = (msg: string): void => {
     const { workers, pending, crashes } = unwrap.stats();
-    logger.info({ relays: pool.stats(), inbox: { ...inbox, unopened: pending, unwrapWorkers: workers, unwrapCrashes: crashes }, requests: agent.stats() }, msg);
+    logger.info({ relays: pool.stats(), inbox: { ...inbox, unopened: pending, unwrapWorkers: workers, unwrapCrashes: crashes }, requests: agent.stats(), warmPool: warmPool?.stats() }, msg);
   };
   const statsTimer = setInterval(() => logStats('stats'), STATS_INTERVAL_MS);
   statsTimer.unref();
@@ -213,6 +236,8 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
   await payments.recover().catch((err: Error) => logger.error({ err: err.message }, 'wallet recovery failed; retried at the next start'));
   await workloads.reconcile();
   supervisor.start();
+  // After the sweep above removed the previous run's pool VMs (they have no lease).
+  warmPool?.start();
   const discovery = cfg.discovery.enabled
     ? new DiscoveryPublisher({
         sk,
@@ -229,7 +254,9 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
           totalJobsCompleted: 0,
           whitelistedMints: offeredMints(cfg),
         }),
-        held: () => leases.all(),
+        // Pool VMs hold their share too; only leases are active workloads.
+        held: () => [...leases.all(), ...(warmPool?.holdings() ?? [])],
+        active: () => leases.all().length,
         vmRoot: cfg.drivers.kvm?.vmRoot ?? cfg.stateDir,
         heartbeatSeconds: cfg.discovery.heartbeatSeconds,
         logger: logger.child({ part: 'discovery' }),
@@ -264,6 +291,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
         maxConcurrentRequests: after.limits.maxConcurrentRequests,
         maxQueuedRequests: after.limits.maxQueuedRequests,
       });
+      warmPool?.setPlans(after.plans);
       if (plan.live.some((path) => path.startsWith('admission'))) {
         agent.updateAdmission({ admissionMode: after.admission.mode, allowlist: allowlistOf(after.admission) });
         payment.setPolicy(pricingPolicy(after.admission));
@@ -277,6 +305,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
       await unwrap.close();
       await discovery?.stop();
       await agent.drain();
+      await warmPool?.close();
       await supervisor.stop();
       outbox.close();
       for (const d of Object.values(drivers)) d?.close();

@@ -23,6 +23,7 @@ import type { Payments } from '../../src/payment/types.js';
 import type { Plan } from '../../src/agent/plans.js';
 import { SeenStore } from '../../src/agent/seen.js';
 import { Supervisor } from '../../src/agent/supervisor.js';
+import { WarmPool, type WarmPoolOptions } from '../../src/agent/warm-pool.js';
 import { Workloads, type WorkloadsOptions } from '../../src/agent/workloads.js';
 import { silentLogger, type Logger } from '../../src/util/logger.js';
 import { FakeDriver } from './fake-driver.js';
@@ -32,6 +33,8 @@ export const SMALL_PLAN: Plan = { id: 'small', name: 'Small', description: 'one 
 /** A plan at 1000 msat/s: with `payments`, spawns and top-ups of it are paid. */
 export const PAID_PLAN: Plan = { id: 'paid', name: 'Paid', description: 'one vCPU, by the second', vcpus: 1, memoryMb: 256, diskGb: 2, durationSeconds: 3600, rateMsatsPerSec: 1000 };
 export const BIG_PLAN: Plan = { id: 'big', name: 'Big', description: 'four vCPUs', vcpus: 4, memoryMb: 4096, diskGb: 20, durationSeconds: 3600 };
+/** Two idle VMs kept warm; an empty pool means a cold boot. */
+export const POOLED_PLAN: Plan = { id: 'pooled', name: 'Pooled', description: 'instant', vcpus: 1, memoryMb: 512, diskGb: 2, durationSeconds: 3600, warmPool: 2 };
 
 /** Roomy enough that only the limit a test lowers can refuse a spawn. */
 export const OPEN_LIMITS: SpawnLimits = {
@@ -65,6 +68,8 @@ export interface HarnessOptions {
   pricing?: PricingPolicy;
   /** A payment flow of the test's own over `payments` (to hold one of its steps); default a plain one. */
   paymentFlow?: PaymentFlow;
+  /** Run a warm pool for the plans that ask for one (options override the quick test defaults). */
+  warmPool?: Partial<Omit<WarmPoolOptions, 'driver' | 'plans' | 'admission'>>;
 }
 
 /** A random 64-hex key or id, as the transport would deliver. */
@@ -88,6 +93,7 @@ export class Harness {
   readonly supervisor: Supervisor;
   readonly payment: PaymentFlow | undefined;
   readonly paymentJournal: PaymentJournal | undefined;
+  readonly pool: WarmPool | undefined;
   private stopped = false;
 
   constructor(private readonly opts: HarnessOptions = {}) {
@@ -100,14 +106,29 @@ export class Harness {
     this.leases.load();
     this.seen = new SeenStore(this.stateDir, 3 * 86_400);
     this.inflight = new InflightJournal(this.stateDir);
-    this.admission = new SpawnAdmission({ ...OPEN_LIMITS, ...opts.limits }, () => this.leases.all());
+    this.admission = new SpawnAdmission({ ...OPEN_LIMITS, ...opts.limits }, () => [...this.leases.all(), ...(this.pool?.holdings() ?? [])]);
     const drivers = { [this.driver.kind]: this.driver };
+    const plans = opts.plans ?? (opts.payments ? [SMALL_PLAN, BIG_PLAN, PAID_PLAN] : [SMALL_PLAN, BIG_PLAN]);
+    if (opts.warmPool) {
+      this.pool = new WarmPool({
+        driverName: this.driver.kind,
+        driver: this.driver,
+        plans,
+        admission: this.admission,
+        logger,
+        idleTimeoutMs: 60_000,
+        handOffTimeoutMs: 100,
+        tickMs: 10,
+        backoff: { baseMs: 20, maxMs: 200 },
+        ...opts.warmPool,
+      });
+      this.admission.evictIdle = () => this.pool!.evictIdle();
+    }
     if (opts.payments) {
       this.paymentJournal = new PaymentJournal(this.stateDir);
       const policy = opts.pricing ?? { minimumSeconds: 60, maxLeaseSeconds: 86_400 };
       this.payment = opts.paymentFlow ?? new PaymentFlow({ payments: opts.payments, journal: this.paymentJournal, policy, logger });
     }
-    const plans = opts.plans ?? (opts.payments ? [SMALL_PLAN, BIG_PLAN, PAID_PLAN] : [SMALL_PLAN, BIG_PLAN]);
     this.workloads = new Workloads({
       drivers,
       leases: this.leases,
@@ -119,6 +140,7 @@ export class Harness {
       warnBeforeSeconds: 60,
       plans: () => plans,
       ...(this.payment ? { payment: this.payment } : {}),
+      ...(this.pool ? { warmPool: this.pool } : {}),
       ...opts.workloads,
     });
     this.agent = new Agent({
@@ -137,6 +159,7 @@ export class Harness {
       rateLimiter: new SenderRateLimiter({ capacity: 1000, refillPerSecond: 1000 }),
       admission: this.admission,
       ...(this.payment ? { admissionMode: 'paid' as const, payment: this.payment } : {}),
+      ...(this.pool ? { warmPool: this.pool } : {}),
       ...opts.agent,
     });
     this.supervisor = new Supervisor({ workloads: this.workloads, tickMs: opts.tickMs ?? 10 });
@@ -148,6 +171,7 @@ export class Harness {
     await this.opts.payments?.recover();
     await this.workloads.reconcile();
     this.supervisor.start();
+    this.pool?.start();
     return this;
   }
 
@@ -187,6 +211,7 @@ export class Harness {
     this.stopped = true;
     void this.agent.drain();
     void this.supervisor.stop();
+    this.pool?.halt();
     return new Harness({ ...this.opts, outbox: undefined, ...opts, stateDir: this.stateDir, driver: this.driver });
   }
 
@@ -196,6 +221,7 @@ export class Harness {
     this.stopped = true;
     live.delete(this);
     await this.agent.drain();
+    await this.pool?.close();
     await this.supervisor.stop();
     this.driver.close();
   }

@@ -8,7 +8,7 @@
  * Workloads live in the driver object, not in the agent: give the same driver
  * to a restarted agent and it finds them again, as qemu outlives the service.
  */
-import type { ComputeDriver, ReadyResult, WorkloadHandle, WorkloadInspection, WorkloadSpec } from '../../src/drivers/types.js';
+import type { ComputeDriver, IdleSpec, ReadyResult, TenantSpec, WarmPoolSupport, WorkloadHandle, WorkloadInspection, WorkloadSpec } from '../../src/drivers/types.js';
 import { DriverError } from '../../src/drivers/types.js';
 import type { Gate } from './gate.js';
 
@@ -24,7 +24,14 @@ export interface FakeWorkload {
   ready: boolean;
   vcpus: number;
   memoryMb: number;
+  /** Made by `warm.createIdle` (a pool VM). */
+  idle?: boolean;
+  /** The tenant a hand-off gave it to (its hostname). */
+  handedTo?: string;
 }
+
+/** How one hand-off goes: as asked, refused by the guest, or never answered (a guest agent that hangs, ignoring the deadline). */
+export type HandOffOutcome = 'ok' | 'fail' | 'hang';
 
 export interface FakeDriverOptions {
   kind?: string;
@@ -50,6 +57,21 @@ export class FakeDriver implements ComputeDriver {
   /** While set, `destroy` holds before the workload goes (a guest slow to stop). */
   destroyGate: Gate | undefined;
   closed = false;
+  /** How pool VMs boot (`warm.waitIdle`), like `boot` for tenants' VMs. */
+  idleBoot: BootMode = 'ready';
+  /** Outcomes of the next hand-offs, in order; `ok` once empty. */
+  handOffOutcomes: HandOffOutcome[] = [];
+  /** Every `warm.createIdle` spec, in order. */
+  readonly createIdleCalls: IdleSpec[] = [];
+  /** Every `warm.handOff` call, in order (passwords included: memory only). */
+  readonly handOffCalls: Array<{ id: string; tenant: TenantSpec }> = [];
+  /** Hand-offs asked for a VM already handed to a tenant: must stay 0. */
+  secondHandOffs = 0;
+  readonly warm: WarmPoolSupport = {
+    createIdle: (spec) => this.createIdle(spec),
+    waitIdle: (id, opts) => this.waitFor(id, opts, () => this.idleBoot === 'ready'),
+    handOff: (id, tenant, opts) => this.handOff(id, tenant, opts),
+  };
 
   private readonly ports: { from: number; to: number };
   private nextPid = 10_000;
@@ -105,6 +127,35 @@ export class FakeDriver implements ComputeDriver {
   }
 
   waitReady(id: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<ReadyResult> {
+    return this.waitFor(id, opts, () => this.boot === 'ready');
+  }
+
+  private async createIdle(spec: IdleSpec): Promise<WorkloadHandle> {
+    this.createIdleCalls.push(spec);
+    const handle = await this.create({ ...spec, hostname: spec.id, rootPassword: '', sshKeys: [] });
+    // Not a tenant's create: only createIdleCalls records it.
+    this.createCalls.pop();
+    this.mustGet(spec.id).idle = true;
+    return handle;
+  }
+
+  private async handOff(id: string, tenant: TenantSpec, _opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void> {
+    this.handOffCalls.push({ id, tenant });
+    const w = this.workloads.get(id);
+    if (w?.handedTo !== undefined) {
+      this.secondHandOffs++;
+      throw new DriverError('handoff_failed', 'this VM already has a tenant');
+    }
+    if (!w?.alive || !w.idle) throw new DriverError('handoff_failed', 'no idle VM with this id');
+    const outcome = this.handOffOutcomes.shift() ?? 'ok';
+    if (outcome === 'hang') return new Promise<void>(() => undefined);
+    if (outcome === 'fail') throw new DriverError('handoff_failed', 'the guest agent refused the hand-off');
+    w.handedTo = tenant.hostname;
+    w.idle = false;
+    w.ready = true;
+  }
+
+  private waitFor(id: string, opts: { timeoutMs: number; signal?: AbortSignal }, bootsAtOnce: () => boolean): Promise<ReadyResult> {
     const t0 = Date.now();
     return new Promise<ReadyResult>((resolve) => {
       let timer: NodeJS.Timeout | undefined;
@@ -118,7 +169,7 @@ export class FakeDriver implements ComputeDriver {
       const check = (): void => {
         const w = this.workloads.get(id);
         if (!w?.alive) return finish(failed('died'));
-        if (w.ready || this.boot === 'ready') {
+        if (w.ready || bootsAtOnce()) {
           w.ready = true;
           return finish({ ready: true, ms: Date.now() - t0 });
         }
