@@ -16,7 +16,7 @@ import { RecentIds } from './recent-ids.js';
 import { RequestQueue, type RequestQueueStats } from './request-queue.js';
 import type { ClaimResult, SeenStore } from './seen.js';
 
-export type { Dialect } from './handlers.js';
+export type { Dialect } from '../protocol/upstream.js';
 
 /** One decrypted, authenticated message, transport-neutral. */
 export interface Inbound {

@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { DriverError } from '../drivers/types.js';
 import { RequestError } from '../protocol/errors.js';
 import type { SpawnRequest, StatusRequest, StopRequest, TopupRequest } from '../protocol/requests.js';
+import type { Dialect } from '../protocol/upstream.js';
 import { accessDetailsReply, errorReply, statusReply, stoppedReply, toppedUpReply, withPayment, type ErrorReply, type Reply } from '../protocol/replies.js';
 import type { Logger } from '../util/logger.js';
 import type { Reservation, SpawnAdmission } from './admission.js';
@@ -50,9 +51,6 @@ export interface Asker {
   sender: string;
   channel: string;
 }
-
-/** How a request was shaped; its replies and its workload's later notices keep that shape. */
-export type Dialect = 'v1' | 'upstream';
 
 /** What a paid request leaves for the agent to close once its reply is in the outbox. */
 export interface PaidOutcome {

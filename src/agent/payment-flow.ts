@@ -15,6 +15,7 @@
  * Knows the journal and the `Payments` contract; no Nostr, no drivers.
  */
 import { RequestError, type ErrorCode } from '../protocol/errors.js';
+import type { Dialect } from '../protocol/upstream.js';
 import { PaymentError, type Payments } from '../payment/types.js';
 import type { Logger } from '../util/logger.js';
 import { nextStep, settle, type PaymentJournal, type PaymentRecord } from './payment-journal.js';
@@ -25,7 +26,7 @@ export interface ChargeContext {
   kind: 'spawn' | 'topup';
   sender: string;
   channel: string;
-  dialect: 'v1' | 'upstream';
+  dialect: Dialect;
   workloadId: string;
 }
 

@@ -30,7 +30,7 @@ import {
   workloadNotice,
   type Reply,
 } from '../protocol/replies.js';
-import { toUpstreamReply } from '../protocol/upstream.js';
+import { toUpstreamReply, type Dialect } from '../protocol/upstream.js';
 import { KeyedTurns } from '../util/keyed-turns.js';
 import { addLogContext, type Logger } from '../util/logger.js';
 import type { InflightJournal } from './inflight.js';
@@ -71,7 +71,7 @@ export interface SpawnOrder {
   requestId: string;
   owner: string;
   channel: string;
-  dialect: 'v1' | 'upstream';
+  dialect: Dialect;
   workloadId: string;
   driver: string;
   isolationLevel: IsolationLevel;
@@ -106,12 +106,14 @@ export class Workloads {
   /** The expiry each workload was warned about: a top-up moves the expiry, and so re-arms the warning. */
   private readonly warnedFor = new Map<string, string>();
   private readonly jobs = new Set<Promise<void>>();
+  /** Workloads whose readiness watch is waiting on the driver: a failed teardown gives them back to it. */
+  private readonly watching = new Set<string>();
   /** Aborted at shutdown: readiness watches end without judging the VM (the next run re-adopts it). */
   private readonly shutdown = new AbortController();
   private readonly log: Logger;
 
   constructor(private readonly opts: WorkloadsOptions) {
-    this.log = opts.logger;
+    this.log = opts.logger.child({ part: 'workloads' });
   }
 
   phase(workloadId: string): Phase | undefined {
@@ -237,10 +239,10 @@ export class Workloads {
       },
       (err: unknown) => {
         this.teardowns.delete(id);
-        // Still leased: its owner may stop it again, and the supervisor judges it
-        // from now on (a readiness watch still running no longer does; a failed
-        // boot's refund is already journaled).
-        if (this.opts.leases.get(id)) this.phases.set(id, 'ready');
+        // Still leased: its owner may stop it again. A boot still watched goes
+        // back to its watch (a death is then boot_failed and refunded, as if
+        // no stop had been tried); otherwise the supervisor judges it.
+        if (this.opts.leases.get(id)) this.phases.set(id, this.watching.has(id) ? 'booting' : 'ready');
         else this.phases.delete(id);
         throw err;
       },
@@ -270,8 +272,10 @@ export class Workloads {
           continue;
         }
         if (left > 0 && left <= this.opts.warnBeforeSeconds && this.warnedFor.get(lease.workloadId) !== lease.expiresAt) {
+          // The notice says what is left when it is sent, after this tick's inspections.
+          const leftNow = Math.max(1, secondsLeft(lease));
           this.warnedFor.set(lease.workloadId, lease.expiresAt);
-          await this.notify(lease, workloadNotice(lease, 'expiring', `the lease ends in ${left} s; the workload will be deleted`, left));
+          await this.notify(lease, workloadNotice(lease, 'expiring', `the lease ends in ${leftNow} s; the workload will be deleted`, leftNow));
         }
       } catch (err) {
         this.log.error({ workloadId: lease.workloadId, err: (err as Error).message }, 'supervision failed for a lease');
@@ -372,7 +376,8 @@ export class Workloads {
   private async watchReady(lease: Lease, driver: ComputeDriver, log: Logger, timeoutMs: number): Promise<void> {
     const id = lease.workloadId;
     if (this.phases.get(id) !== 'booting') return; // stopped before its watch began
-    const result = await driver.waitReady(id, { timeoutMs, signal: this.shutdown.signal });
+    this.watching.add(id);
+    const result = await driver.waitReady(id, { timeoutMs, signal: this.shutdown.signal }).finally(() => this.watching.delete(id));
     if (result.ready) {
       if (this.phases.get(id) === 'booting') this.phases.set(id, 'ready');
       log.info({ workloadId: id, ms: result.ms }, 'workload ready');
@@ -500,7 +505,7 @@ export class Workloads {
       .catch((err: Error) => this.log.error({ workloadId: lease.workloadId, err: err.message }, 'notice could not be sent'));
   }
 
-  private inDialect(of: { dialect?: 'v1' | 'upstream' | undefined }, reply: Reply, kind: 'spawn' | 'topup'): Reply {
+  private inDialect(of: { dialect?: Dialect | undefined }, reply: Reply, kind: 'spawn' | 'topup'): Reply {
     return of.dialect === 'upstream' ? toUpstreamReply(reply, { kind, plans: this.opts.plans() }) : reply;
   }
 }

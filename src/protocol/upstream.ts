@@ -23,6 +23,9 @@ import { RequestError, type ErrorCode } from './errors.js';
 import type { Reply } from './replies.js';
 import { readRequestBody, validateRequest, WORKLOAD_ID_PATTERN, type ParseResult } from './requests.js';
 
+/** How a request was shaped; its replies and its workload's later notices keep that shape. */
+export type Dialect = 'v1' | 'upstream';
+
 export type UpstreamKind = 'spawn' | 'status' | 'topup';
 export type ParsedAny = ParseResult & ({ dialect: 'v1' } | { dialect: 'upstream'; kind: UpstreamKind });
 

@@ -84,6 +84,20 @@ describe('phases', () => {
     expect(await h.request(owner, { type: 'stop', workload_id })).toMatchObject({ type: 'stopped', workload_id });
     expect(h.workloads.phase(workload_id)).toBeUndefined();
   });
+
+  it('gives a boot whose stop failed back to its watch: a death during that boot is still boot_failed', async () => {
+    const h = await new Harness().start();
+    h.driver.boot = 'manual';
+    const owner = hex32();
+    const { workload_id } = await h.spawn(owner);
+    expect(h.workloads.phase(workload_id)).toBe('booting');
+    h.driver.failNextDestroy = new Error('device busy');
+    expect(await h.request(owner, { type: 'stop', workload_id })).toMatchObject({ type: 'error', code: 'internal_error' });
+    expect(h.workloads.phase(workload_id)).toBe('booting');
+    h.driver.kill(workload_id);
+    await h.outbox.next((s) => s.message.type === 'boot_failed', 'boot_failed');
+    await vi.waitFor(() => expect(h.leases.get(workload_id)).toBeUndefined(), WAIT);
+  });
 });
 
 describe('the spawn journal', () => {
