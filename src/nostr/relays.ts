@@ -12,6 +12,9 @@
  * no second reconnect or subscription bookkeeping underneath ours.
  *
  * Nothing here logs event content: ids, kinds and relay URLs only.
+ *
+ * Longer than the house's ~350 lines: connection, reconnect, subscription
+ * replay and publish acknowledgement share one per-relay state machine.
  */
 import WebSocket from 'ws';
 import { matchFilters, type Filter } from 'nostr-tools/filter';

@@ -7,6 +7,9 @@
  * Money is never only in memory: before a swap is sent, its counters and
  * inputs are journaled (`swaps/`); a token handed out is written down before
  * its proofs leave the wallet's files.
+ *
+ * Longer than the house's ~350 lines: redeem, refund, withdraw and crash
+ * recovery share the swap journal and the counters' invariants.
  */
 import { getEncodedToken, type CounterSource, type Proof, type ProofLike, type Wallet } from '@cashu/cashu-ts';
 import type { Logger } from '../util/logger.js';

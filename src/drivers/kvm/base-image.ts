@@ -7,6 +7,9 @@
  * the download goes to a temp file in the same directory, is hashed while it
  * streams, checked with `qemu-img info`, fsynced, made read-only and only then
  * renamed into place.
+ *
+ * Longer than the house's ~350 lines: the download, its verification and
+ * the atomic install are one transaction and are read together.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { chmod, mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
