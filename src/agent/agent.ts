@@ -9,6 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { parseAnyRequest, toUpstreamReply, type UpstreamKind } from '../protocol/upstream.js';
 import { errorReply, type Reply } from '../protocol/replies.js';
 import { withLogContext, type Logger } from '../util/logger.js';
+import { Jobs } from '../util/jobs.js';
 import { NoticeGate, type SenderRateLimiter } from './admission.js';
 import { RequestHandlers, type HandlerOptions, type PaidOutcome } from './handlers.js';
 import type { Outbox, Route } from './outbox.js';
@@ -95,7 +96,7 @@ export class Agent {
   };
   private readonly log: Logger;
   private readonly handlers: RequestHandlers;
-  private readonly pending = new Set<Promise<void>>();
+  private readonly pending: Jobs;
   private accepting = true;
   /** Aborted at shutdown: a request held for its claim is let go unclaimed. */
   private readonly shutdown = new AbortController();
@@ -103,6 +104,7 @@ export class Agent {
   constructor(private readonly opts: AgentOptions) {
     this.queue = new RequestQueue(opts.maxConcurrentRequests, opts.maxQueuedRequests);
     this.log = opts.logger;
+    this.pending = new Jobs((err: unknown) => this.log.error({ err: err instanceof Error ? err.message : String(err) }, 'background task failed'));
     // The same options object: updatePolicy and updateAdmission reach the handlers too.
     this.handlers = new RequestHandlers(opts);
   }
@@ -146,7 +148,7 @@ export class Agent {
     if (before.running >= this.opts.maxConcurrentRequests) {
       this.log.debug({ requestId: msg.requestId, lane: tenant ? 'tenant' : 'normal', ahead: tenant ? before.queuedPriority : before.queued }, 'request queued');
     }
-    return this.track(this.logFailure(job, msg.requestId));
+    return this.pending.track(this.logFailure(job, msg.requestId));
   }
 
   /**
@@ -239,7 +241,7 @@ export class Agent {
           this.log.error({ err: err.message }, 'reply could not be sent');
         },
       );
-    return this.track(job);
+    return this.pending.track(job);
   }
 
   stats(): AgentStats {
@@ -273,7 +275,7 @@ export class Agent {
     this.shutdown.abort();
     // At once, not after the requests: a watch ending during the wait must not judge its VM.
     this.opts.workloads.stopWatching();
-    await Promise.allSettled([...this.pending]);
+    await this.pending.settled();
     // Again: a spawn that finished during the wait started a watch.
     await this.opts.workloads.drain();
   }
@@ -330,19 +332,6 @@ export class Agent {
       this.counts.answerFailed++;
       log.error({ err: (err as Error).message }, 'reply could not be sent');
     }
-  }
-
-  private track(job: Promise<void>): Promise<void> {
-    this.pending.add(job);
-    // Every tracked job has a handler here: a rejection is logged, never left unhandled to end the process.
-    job.then(
-      () => this.pending.delete(job),
-      (err: unknown) => {
-        this.pending.delete(job);
-        this.log.error({ err: err instanceof Error ? err.message : String(err) }, 'background task failed');
-      },
-    );
-    return job;
   }
 }
 

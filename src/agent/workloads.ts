@@ -33,6 +33,7 @@ import {
 import { toUpstreamReply, type Dialect } from '../protocol/upstream.js';
 import { KeyedTurns } from '../util/keyed-turns.js';
 import { addLogContext, type Logger } from '../util/logger.js';
+import { Jobs } from '../util/jobs.js';
 import type { InflightJournal } from './inflight.js';
 import { secondsLeft, type Lease, type LeaseStore } from './leases.js';
 import type { Outbox, Route } from './outbox.js';
@@ -105,7 +106,7 @@ export class Workloads {
   private readonly extensions = new KeyedTurns();
   /** The expiry each workload was warned about: a top-up moves the expiry, and so re-arms the warning. */
   private readonly warnedFor = new Map<string, string>();
-  private readonly jobs = new Set<Promise<void>>();
+  private readonly jobs: Jobs;
   /** Workloads whose readiness watch is waiting on the driver: a failed teardown gives them back to it. */
   private readonly watching = new Set<string>();
   /** Aborted at shutdown: readiness watches end without judging the VM (the next run re-adopts it). */
@@ -114,6 +115,7 @@ export class Workloads {
 
   constructor(private readonly opts: WorkloadsOptions) {
     this.log = opts.logger.child({ part: 'workloads' });
+    this.jobs = new Jobs((err: unknown) => this.log.error({ err: err instanceof Error ? err.message : String(err) }, 'background task failed'));
   }
 
   phase(workloadId: string): Phase | undefined {
@@ -187,7 +189,7 @@ export class Workloads {
       await this.opts.inflight.end(order.requestId).catch((err: Error) => log.error({ err: err.message }, 'could not remove the spawn journal entry'));
       // Whatever the answer did: a booting workload nobody watches would never be judged.
       if (outcome.ok && readyAtOnce) await this.notify(outcome.lease, readyNotice(outcome.lease, 0));
-      else if (outcome.ok && driver) this.track(this.watchReady(outcome.lease, driver, log, this.opts.readyTimeoutMs));
+      else if (outcome.ok && driver) this.jobs.track(this.watchReady(outcome.lease, driver, log, this.opts.readyTimeoutMs));
     }
   }
 
@@ -330,7 +332,7 @@ export class Workloads {
       // Its deadline still counts from its creation, with a short grace to look at it at least once.
       this.phases.set(lease.workloadId, 'booting');
       const left = this.opts.readyTimeoutMs - (Date.now() - Date.parse(lease.createdAt));
-      this.track(this.watchReady(lease, drivers[lease.driver]!, this.log.child({ requestId: lease.requestId }), Math.max(left, 15_000)));
+      this.jobs.track(this.watchReady(lease, drivers[lease.driver]!, this.log.child({ requestId: lease.requestId }), Math.max(left, 15_000)));
     }
 
     // Whatever the drivers hold that no lease claims was started by an earlier
@@ -353,19 +355,7 @@ export class Workloads {
   /** End the watches and wait for every background job, also those begun while waiting. */
   async drain(): Promise<void> {
     this.stopWatching();
-    while (this.jobs.size > 0) await Promise.allSettled([...this.jobs]);
-  }
-
-  private track(job: Promise<void>): void {
-    this.jobs.add(job);
-    // Every job has a handler here: a rejection (a bug in a watch, say) is logged, never left unhandled to end the process.
-    job.then(
-      () => this.jobs.delete(job),
-      (err: unknown) => {
-        this.jobs.delete(job);
-        this.log.error({ err: err instanceof Error ? err.message : String(err) }, 'background task failed');
-      },
-    );
+    await this.jobs.settled();
   }
 
   /**
