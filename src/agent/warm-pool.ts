@@ -223,7 +223,13 @@ export class WarmPool {
     let next = claim;
     let tried = false;
     while (next) {
-      await journal(next.id);
+      try {
+        await journal(next.id);
+      } catch (err) {
+        // Taken but not begun: back to the pool, or it would stay claimed (and uncounted) for good.
+        next.release();
+        throw err;
+      }
       const vm = this.begin(next);
       if (vm?.handle) {
         tried = true;

@@ -278,6 +278,24 @@ describe('a paid spawn served by the second pool VM', () => {
   });
 });
 
+describe('a claim taken for a retry', () => {
+  it('goes back to the pool when the spawn journal cannot be written for it', async () => {
+    const h = await pooled();
+    await poolReady(h, 2);
+    h.driver.handOffOutcomes = ['fail'];
+    const resources = { plan: POOLED_PLAN, vcpus: POOLED_PLAN.vcpus, memoryMb: POOLED_PLAN.memoryMb, diskGb: POOLED_PLAN.diskGb };
+    const claim = h.pool!.take(h.driver.kind, resources);
+    let writes = 0;
+    const journal = async (): Promise<void> => {
+      if (++writes > 1) throw new Error('disk full');
+    };
+    const spec = { id: 'w-cold', hostname: 'w-cold', vcpus: 1, memoryMb: 512, diskGb: 2, rootPassword: SPAWN.root_password, sshKeys: [KEY] };
+    await expect(h.pool!.acquire(claim, h.driver, spec, resources, journal, silentLogger)).rejects.toThrow('disk full');
+    expect(h.pool!.stats()).toMatchObject({ claimed: 0 });
+    await poolReady(h, 2);
+  });
+});
+
 describe('an empty pool', () => {
   it('boots cold by default', async () => {
     const h = await pooled({}, 'never');
