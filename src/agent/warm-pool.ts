@@ -259,8 +259,9 @@ export class WarmPool {
   /**
    * Give up one idle VM so a tenant's spawn gets its room (admission's
    * `evictIdle`): it leaves the count at once and is destroyed in the
-   * background; its plan waits a backoff before booting another into room
-   * tenants are using. False when no VM is idle.
+   * background. Not a failure, so no backoff: the tenant's reservation, then
+   * lease, holds the room, and the pool boots again only into room left over.
+   * False when no VM is idle.
    */
   evictIdle(): boolean {
     const vm = [...this.vms.values()].reverse().find((v) => v.state === 'idle');
@@ -268,7 +269,6 @@ export class WarmPool {
     this.vms.delete(vm.id);
     this.counts.evicted++;
     this.log.info({ workloadId: vm.id, plan: vm.planId }, 'pool VM given up to make room for a tenant');
-    this.noteFailure(vm.planId);
     this.destroyLater(vm.id);
     return true;
   }

@@ -153,6 +153,25 @@ describe('the pool', () => {
     expect(h.driver.workloads.size).toBe(2);
   });
 
+  it('gives idle VMs up only once the spawn is paid, and an eviction is no failure: the pool refills without backing off', async () => {
+    const payments = new FakePayments();
+    const small: Plan = { ...SMALL_PLAN, rateMsatsPerSec: 1000 };
+    const h = await pooled({ limits: { maxVms: 2 }, plans: [POOLED_PLAN, small], payments, warmPool: { backoff: { baseMs: 600_000, maxMs: 600_000 } } });
+    await poolReady(h, 2);
+    // A worthless token: refused for its payment, and the pool keeps both VMs.
+    expect(await h.request(hex32(), { ...SPAWN, plan: 'small', cashu_token: 'cashuAnot-a-token' })).toMatchObject({ type: 'error' });
+    expect(h.pool!.stats()).toMatchObject({ ready: 2, evicted: 0 });
+    expect(h.driver.destroyCalls).toEqual([]);
+    // A paid one gets the room of one pool VM.
+    const owner = hex32();
+    const reply = await h.request(owner, { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    expect(reply).toMatchObject({ type: 'access_details' });
+    expect(h.pool!.stats()).toMatchObject({ ready: 1, evicted: 1 });
+    // Its room back, the pool boots again at once: no backoff for an eviction.
+    await h.request(owner, { type: 'stop', workload_id: (reply as { workload_id: string }).workload_id });
+    await poolReady(h, 2);
+  });
+
   it('counts against committed memory: tenants first, the pool takes only what is left', async () => {
     const h = new Harness({ plans: [POOLED_PLAN, SMALL_PLAN], warmPool: {}, limits: { hostCapacity: { vcpus: 100, memoryMb: 1024 } } });
     h.driver.idleBoot = 'manual';
