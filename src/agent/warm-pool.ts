@@ -137,6 +137,8 @@ interface ClaimState {
 
 export class WarmPool {
   private readonly vms = new Map<string, PoolVm & { handle?: WorkloadHandle }>();
+  /** Per booting VM: aborts its readiness wait when it is given up for a tenant. */
+  private readonly bootAborts = new Map<string, AbortController>();
   private readonly claims = new WeakMap<PoolClaim, ClaimState>();
   private readonly failures = new Map<string, number>();
   private readonly blockedUntil = new Map<string, number>();
@@ -257,19 +259,22 @@ export class WarmPool {
   }
 
   /**
-   * Give up one idle VM so a tenant's spawn gets its room (admission's
-   * `evictIdle`): it leaves the count at once and is destroyed in the
-   * background. Not a failure, so no backoff: the tenant's reservation, then
-   * lease, holds the room, and the pool boots again only into room left over.
-   * False when no VM is idle.
+   * Give up one pool VM nobody has taken (a booting one first: it serves
+   * no one yet) so a tenant's spawn gets its room (admission's `evictIdle`):
+   * it leaves the count at once and is destroyed in the background (a booting
+   * one once its create has returned, by `boot`). Not a failure, so no
+   * backoff: the tenant's reservation, then lease, holds the room, and the
+   * pool boots again only into room left over. False when there is none.
    */
   evictIdle(): boolean {
-    const vm = [...this.vms.values()].reverse().find((v) => v.state === 'idle');
+    const vms = [...this.vms.values()].reverse();
+    const vm = vms.find((v) => v.state === 'booting') ?? vms.find((v) => v.state === 'idle');
     if (!vm) return false;
     this.vms.delete(vm.id);
     this.counts.evicted++;
-    this.log.info({ workloadId: vm.id, plan: vm.planId }, 'pool VM given up to make room for a tenant');
-    this.destroyLater(vm.id);
+    this.log.info({ workloadId: vm.id, plan: vm.planId, was: vm.state }, 'pool VM given up to make room for a tenant');
+    if (vm.state === 'booting') this.bootAborts.get(vm.id)?.abort();
+    else this.destroyLater(vm.id);
     return true;
   }
 
@@ -277,7 +282,7 @@ export class WarmPool {
   holdings(): Array<Holding & { diskGb: number }> {
     return [...this.vms.values()]
       .filter((vm) => vm.state !== 'claimed')
-      .map((vm) => ({ workloadId: vm.id, owner: POOL_OWNER, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb, evictable: vm.state === 'idle' }));
+      .map((vm) => ({ workloadId: vm.id, owner: POOL_OWNER, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb, evictable: true }));
   }
 
   stats(): WarmPoolStats {
@@ -368,6 +373,16 @@ export class WarmPool {
   }
 
   private async boot(vm: PoolVm & { handle?: WorkloadHandle }): Promise<void> {
+    const abort = new AbortController();
+    this.bootAborts.set(vm.id, abort);
+    try {
+      await this.bootWatched(vm, abort.signal);
+    } finally {
+      this.bootAborts.delete(vm.id);
+    }
+  }
+
+  private async bootWatched(vm: PoolVm & { handle?: WorkloadHandle }, evicted: AbortSignal): Promise<void> {
     const started = Date.now();
     const gone = (why: string, err?: unknown): void => {
       this.vms.delete(vm.id);
@@ -379,12 +394,15 @@ export class WarmPool {
       vm.handle = await this.warm.createIdle({ id: vm.id, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb });
     } catch (err) {
       // createIdle releases what it took on failure; destroy anyway in case it got as far as a process.
-      gone('could not be created', err);
+      if (!evicted.aborted) gone('could not be created', err);
       this.destroyLater(vm.id);
       return;
     }
+    // Given up for a tenant while being created: nobody else destroys it.
+    if (evicted.aborted) return this.destroyLater(vm.id);
     this.log.info({ workloadId: vm.id, plan: vm.planId, ms: Date.now() - started }, 'pool VM booting');
-    const result = await this.warm.waitIdle(vm.id, { timeoutMs: this.opts.idleTimeoutMs, signal: this.stopping.signal });
+    const result = await this.warm.waitIdle(vm.id, { timeoutMs: this.opts.idleTimeoutMs, signal: AbortSignal.any([this.stopping.signal, evicted]) });
+    if (evicted.aborted) return this.destroyLater(vm.id);
     // Shutting down (or a crash in tests): close() destroys it, or the next start's sweep does.
     if (this.closed) return;
     if (!result.ready) {

@@ -172,6 +172,17 @@ describe('the pool', () => {
     await poolReady(h, 2);
   });
 
+  it('gives up a booting VM too for a tenant who finds no room: its boot is cut short and the VM destroyed', async () => {
+    const h = await pooled({ limits: { maxVms: 1 }, plans: [{ ...POOLED_PLAN, warmPool: 1 }, SMALL_PLAN] }, 'manual');
+    await vi.waitFor(() => expect(h.pool!.stats().booting).toBe(1), WAIT);
+    const [booting] = h.pool!.ids();
+    const small = await h.spawn(hex32(), { ...SPAWN, plan: 'small' });
+    expect(h.driver.createCalls.map((c) => c.id)).toEqual([small.workload_id]);
+    expect(h.pool!.stats()).toMatchObject({ evicted: 1, bootFailed: 0 });
+    await vi.waitFor(() => expect(h.driver.destroyCalls).toContain(booting), WAIT);
+    expect([...h.driver.workloads.keys()]).toEqual([small.workload_id]);
+  });
+
   it('counts against committed memory: tenants first, the pool takes only what is left', async () => {
     const h = new Harness({ plans: [POOLED_PLAN, SMALL_PLAN], warmPool: {}, limits: { hostCapacity: { vcpus: 100, memoryMb: 1024 } } });
     h.driver.idleBoot = 'manual';
