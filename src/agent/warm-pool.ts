@@ -127,6 +127,8 @@ export interface WarmPoolOptions {
 
 const DEFAULT_TICK_MS = 2_000;
 const DEFAULT_BACKOFF = { baseMs: 5_000, maxMs: 600_000 };
+/** Pool VMs one spawn may try to hand off: a third failure in a row says more about the host than the VM, and each try costs a VM and the consumer's wait. */
+const MAX_HANDOFFS_PER_SPAWN = 2;
 /** A driver that ignores its own hand-off deadline is given up this much later. */
 const HANG_GRACE_MS = 1_000;
 
@@ -209,8 +211,9 @@ export class WarmPool {
 
   /**
    * The workload for a spawn: the claimed VM handed to the tenant; if its
-   * hand-off fails or hangs, it is destroyed and the next idle one tried;
-   * then a cold `create` (or `busy`, as the plan says). `journal(id)` runs
+   * hand-off fails or hangs, it is destroyed and the next idle one tried (at
+   * most `MAX_HANDOFFS_PER_SPAWN` in all); then a cold `create` (or `busy`,
+   * as the plan says). `journal(id)` runs
    * before the host is touched for `id` (the spawn journal), and again for
    * each next try.
    */
@@ -223,7 +226,7 @@ export class WarmPool {
     log: Logger,
   ): Promise<{ handle: WorkloadHandle; pooled: boolean }> {
     let next = claim;
-    let tried = false;
+    let tried = 0;
     while (next) {
       try {
         await journal(next.id);
@@ -234,7 +237,7 @@ export class WarmPool {
       }
       const vm = this.begin(next);
       if (vm?.handle) {
-        tried = true;
+        tried++;
         const started = Date.now();
         try {
           await this.handOff(vm.id, { hostname: vm.id, rootPassword: spec.rootPassword, sshKeys: spec.sshKeys });
@@ -249,9 +252,9 @@ export class WarmPool {
           await this.opts.driver.destroy(vm.id).catch((e: Error) => log.error({ workloadId: vm.id, err: e.message }, 'could not destroy a failed pool VM'));
         }
       }
-      next = this.take(this.opts.driverName, resources);
+      next = tried < MAX_HANDOFFS_PER_SPAWN ? this.take(this.opts.driverName, resources) : undefined;
     }
-    if (tried && resources.plan.whenPoolEmpty === 'busy') {
+    if (tried > 0 && resources.plan.whenPoolEmpty === 'busy') {
       throw new RequestError('busy', 'no instant VM of this plan could be handed over right now; retry in a few seconds');
     }
     await journal(spec.id);

@@ -260,6 +260,17 @@ describe('a hand-off that fails', () => {
     expect(h.driver.workloads.size).toBe(1 + h.pool!.ids().length);
   });
 
+  it('on two pool VMs: the spawn boots cold, the others stay in the pool', async () => {
+    const h = await pooled({ plans: [{ ...POOLED_PLAN, warmPool: 3 }] });
+    await poolReady(h, 3);
+    h.driver.idleBoot = 'never';
+    h.driver.handOffOutcomes = ['fail', 'fail'];
+    const reply = await h.spawn(hex32(), POOLED_SPAWN);
+    expect(h.driver.handOffCalls).toHaveLength(2);
+    expect(h.driver.createCalls.map((c) => c.id)).toEqual([reply.workload_id]);
+    expect(h.pool!.stats().ready).toBe(1);
+  });
+
   it('on every pool VM of a plan that says busy: answered busy, and a paid spawn gets its money back', async () => {
     const payments = new FakePayments();
     const plan: Plan = { ...POOLED_PLAN, rateMsatsPerSec: 1000, whenPoolEmpty: 'busy' };
