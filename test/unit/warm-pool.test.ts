@@ -12,7 +12,7 @@ import { PaymentFlow } from '../../src/agent/payment-flow.js';
 import { PaymentJournal } from '../../src/agent/payment-journal.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { Gate } from '../support/gate.js';
-import { backoffMs, poolStep, type PoolVm } from '../../src/agent/warm-pool.js';
+import { backoffMs, poolStep, type PoolVm } from '../../src/agent/pool-plan.js';
 import type { Plan } from '../../src/agent/plans.js';
 import { BIG_PLAN, closeHarnesses, Harness, hex32, POOLED_PLAN, SMALL_PLAN, SPAWN, WAIT } from '../support/agent-harness.js';
 import { FakePayments, fakeToken } from '../support/fake-payments.js';
