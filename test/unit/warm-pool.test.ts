@@ -172,6 +172,27 @@ describe('the pool', () => {
     await poolReady(h, 2);
   });
 
+  it('a paid spawn whose pool room was taken while it paid is refused and refunded', async () => {
+    const payments = new FakePayments();
+    const small: Plan = { ...SMALL_PLAN, rateMsatsPerSec: 1000 };
+    const h = await pooled({ limits: { maxVms: 2 }, plans: [{ ...POOLED_PLAN, warmPool: 1 }, small], payments });
+    await poolReady(h, 1);
+    await h.spawn(hex32(), { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    // The host is full: one tenant, one pool VM. Two paid spawns each need the pool VM's room.
+    payments.redeemGate = new Gate();
+    const a = h.deliver(hex32(), { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    const b = h.deliver(hex32(), { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(h.pool!.stats()).toMatchObject({ ready: 1, evicted: 0 });
+    payments.redeemGate.release();
+    const answers = await Promise.all([a, b].map(({ requestId }) => h.outbox.next((s) => s.route.replyTo === requestId, 'answer')));
+    const types = answers.map((x) => x.message.type).sort();
+    expect(types).toEqual(['access_details', 'error']);
+    const refused = answers.find((x) => x.message.type === 'error')!;
+    expect(refused.message).toMatchObject({ code: 'capacity_exhausted', paid_msats: 600_000, refund_msats: 600_000 });
+    expect(h.pool!.stats()).toMatchObject({ evicted: 1 });
+  });
+
   it('gives up a booting VM too for a tenant who finds no room: its boot is cut short and the VM destroyed', async () => {
     const h = await pooled({ limits: { maxVms: 1 }, plans: [{ ...POOLED_PLAN, warmPool: 1 }, SMALL_PLAN] }, 'manual');
     await vi.waitFor(() => expect(h.pool!.stats().booting).toBe(1), WAIT);
