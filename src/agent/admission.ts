@@ -276,15 +276,15 @@ export interface Reservation {
 export class SpawnAdmission {
   private readonly reserved = new Set<Holding>();
 
-  /** `live()` lists what running workloads hold (the lease table). */
   /**
    * Frees the room of one idle VM of the agent's own (it leaves `live()` at
-   * once); false when there is none. Asked when a spawn finds no room.
+   * once); false when there is none. Asked when a paid (or free) spawn finds no room.
    */
   evictIdle: (() => boolean) | undefined;
 
   constructor(
     private limits: SpawnLimits,
+    /** What live workloads hold: leases, and the warm pool's VMs (`evictable` when idle). */
     private readonly live: () => Iterable<Holding>,
     private readonly disk?: DiskAdmission,
   ) {}
@@ -323,19 +323,32 @@ export class SpawnAdmission {
   /**
    * Admit a spawn and hold its share, or throw the `RequestError` to answer.
    * Synchronous on purpose: check and reserve happen in one turn of the event
-   * loop, so no other spawn can slip in between.
+   * loop, so no other spawn can slip in between. With `evict`, idle VMs of the
+   * agent's own are given up first when that makes room; callers ask for it
+   * only once the spawn is paid (or free), so a worthless token costs the
+   * pool nothing.
    */
-  reserve(sender: string, want: Want): Reservation {
+  reserve(sender: string, want: Want, opts: { evict?: boolean } = {}): Reservation {
     let refusal = this.judge(sender, want, [...this.live()]);
-    // Room held by VMs nobody uses yet (the warm pool) is a tenant's for the
-    // asking, when giving them all up would make room (else none is given up).
-    if (refusal?.code === 'capacity_exhausted' && this.evictIdle && !this.judge(sender, want, [...this.live()].filter((h) => !h.evictable))) {
-      while (refusal && this.evictIdle()) refusal = this.judge(sender, want, [...this.live()]);
+    if (opts.evict && this.evictionAdmits(sender, want, refusal)) {
+      while (refusal && this.evictIdle!()) refusal = this.judge(sender, want, [...this.live()]);
     }
     if (refusal) throw refusal;
     const hold: Holding = { owner: sender, vcpus: want.vcpus, memoryMb: want.memoryMb, diskGb: want.diskGb };
     this.reserved.add(hold);
     return { release: () => void this.reserved.delete(hold) };
+  }
+
+  /**
+   * Whether the spawn is refused now only for room that idle VMs of the
+   * agent's own (the warm pool) hold: giving them all up would admit it.
+   */
+  admitsAfterEviction(sender: string, want: Want): boolean {
+    return this.evictionAdmits(sender, want, this.judge(sender, want, [...this.live()]));
+  }
+
+  private evictionAdmits(sender: string, want: Want, refusal: RequestError | null): boolean {
+    return refusal?.code === 'capacity_exhausted' && !!this.evictIdle && !this.judge(sender, want, [...this.live()].filter((h) => !h.evictable));
   }
 
   /**

@@ -80,12 +80,28 @@ export class RequestHandlers {
     // Reserved before anything touches the host; released on every way out
     // (once the spawn's outcome is known its lease, if any, counts instead).
     let reservation: Reservation | undefined;
+    // Refused only for the room idle pool VMs hold: they are given up once the spawn is paid, not before.
+    let evictOncePaid = false;
     try {
-      reservation = this.opts.admission?.reserve(msg.sender, resources);
+      try {
+        reservation = this.opts.admission?.reserve(msg.sender, resources);
+      } catch (err) {
+        if (!this.opts.admission?.admitsAfterEviction(msg.sender, resources)) throw err;
+        evictOncePaid = true;
+      }
       if (!claim) this.opts.warmPool?.refuseWhenEmpty(tier.driver, resources);
       const workloadId = claim?.id ?? `w-${randomBytes(6).toString('hex')}`;
       // Every free check above has passed: only now is the token looked at, and swapped.
       const payment = await this.chargeForSpawn(req, msg, dialect, resources.plan, workloadId);
+      if (evictOncePaid) {
+        try {
+          reservation = this.opts.admission!.reserve(msg.sender, resources, { evict: true });
+        } catch (err) {
+          // Another spawn took the room meanwhile: refused, and refunded when paid.
+          await respond(await this.spawnReply({ ok: false, error: err }, payment, msg.requestId, log, paid));
+          return;
+        }
+      }
       const order = {
         requestId: msg.requestId,
         owner: msg.sender,

@@ -19,8 +19,11 @@
  *   pool boots afresh. Re-adopting would save the boots, but would have to
  *   trust the state of a VM nobody watched while the agent was down.
  *
- * The decisions (`poolStep`, `backoffMs`) are pure; the class holds the VMs,
- * a timer and the driver calls.
+ * The decisions (`poolStep`, `backoffMs`) are pure, in pool-plan.ts; the
+ * class holds the VMs, a timer and the driver calls. It is longer than the
+ * house's ~350 lines on purpose: boot, claim, hand-off and eviction all move
+ * the same VMs between the same states, and one module keeps every move of
+ * that state machine in sight.
  */
 import { randomBytes } from 'node:crypto';
 import type { ComputeDriver, TenantSpec, WarmPoolSupport, WorkloadHandle, WorkloadSpec } from '../drivers/types.js';
@@ -29,62 +32,10 @@ import { RequestError } from '../protocol/errors.js';
 import type { Logger } from '../util/logger.js';
 import type { Holding, SpawnAdmission } from './admission.js';
 import type { Plan, Resources } from './plans.js';
+import { backoffMs, poolStep, sameSize, type PoolVm } from './pool-plan.js';
 
 /** The owner pool VMs have in admission's count: no sender key looks like it, so no sender's quota includes them. */
 export const POOL_OWNER = 'warm-pool';
-
-interface Size {
-  vcpus: number;
-  memoryMb: number;
-  diskGb: number;
-}
-
-export type PoolVmState = 'booting' | 'idle' | 'claimed';
-
-export interface PoolVm extends Size {
-  id: string;
-  planId: string;
-  state: PoolVmState;
-}
-
-export function sameSize(a: Size, b: Size): boolean {
-  return a.vcpus === b.vcpus && a.memoryMb === b.memoryMb && a.diskGb === b.diskGb;
-}
-
-export interface PoolStep {
-  /** Idle VMs to destroy: their plan is gone, its size changed, or the plan has more than it wants. */
-  surplus: string[];
-  /** The plan to boot one more VM for (only when none is booting). */
-  boot?: Plan;
-}
-
-/** What the pool should do now. Pure. `blockedUntil`: per plan, no boot before this time (ms) after failures. */
-export function poolStep(plans: readonly Plan[], vms: readonly PoolVm[], blockedUntil: ReadonlyMap<string, number>, now: number): PoolStep {
-  const surplus: string[] = [];
-  const counted = new Map<string, PoolVm[]>();
-  for (const vm of vms) {
-    const plan = plans.find((p) => p.id === vm.planId);
-    if (!plan || !sameSize(vm, plan)) {
-      // A booting or claimed one is judged again once it is idle (or gone).
-      if (vm.state === 'idle') surplus.push(vm.id);
-      continue;
-    }
-    counted.set(plan.id, [...(counted.get(plan.id) ?? []), vm]);
-  }
-  for (const plan of plans) {
-    const mine = counted.get(plan.id) ?? [];
-    const excess = mine.length - (plan.warmPool ?? 0);
-    if (excess > 0) surplus.push(...mine.filter((vm) => vm.state === 'idle').slice(-excess).map((vm) => vm.id));
-  }
-  if (vms.some((vm) => vm.state === 'booting')) return { surplus };
-  const boot = plans.find((p) => (counted.get(p.id)?.length ?? 0) < (p.warmPool ?? 0) && now >= (blockedUntil.get(p.id) ?? 0));
-  return boot ? { surplus, boot } : { surplus };
-}
-
-/** Wait before the next boot of a plan after `failures` failures in a row. Pure. */
-export function backoffMs(failures: number, baseMs: number, maxMs: number): number {
-  return failures <= 0 ? 0 : Math.min(maxMs, baseMs * 2 ** Math.min(failures - 1, 30));
-}
 
 /** A pool VM taken for one spawn. Until its hand-off begins it can go back to the pool untouched. */
 export interface PoolClaim {
@@ -127,6 +78,8 @@ export interface WarmPoolOptions {
 
 const DEFAULT_TICK_MS = 2_000;
 const DEFAULT_BACKOFF = { baseMs: 5_000, maxMs: 600_000 };
+/** Pool VMs one spawn may try to hand off: a third failure in a row says more about the host than the VM, and each try costs a VM and the consumer's wait. */
+const MAX_HANDOFFS_PER_SPAWN = 2;
 /** A driver that ignores its own hand-off deadline is given up this much later. */
 const HANG_GRACE_MS = 1_000;
 
@@ -137,6 +90,8 @@ interface ClaimState {
 
 export class WarmPool {
   private readonly vms = new Map<string, PoolVm & { handle?: WorkloadHandle }>();
+  /** Per booting VM: aborts its readiness wait when it is given up for a tenant. */
+  private readonly bootAborts = new Map<string, AbortController>();
   private readonly claims = new WeakMap<PoolClaim, ClaimState>();
   private readonly failures = new Map<string, number>();
   private readonly blockedUntil = new Map<string, number>();
@@ -207,8 +162,9 @@ export class WarmPool {
 
   /**
    * The workload for a spawn: the claimed VM handed to the tenant; if its
-   * hand-off fails or hangs, it is destroyed and the next idle one tried;
-   * then a cold `create` (or `busy`, as the plan says). `journal(id)` runs
+   * hand-off fails or hangs, it is destroyed and the next idle one tried (at
+   * most `MAX_HANDOFFS_PER_SPAWN` in all); then a cold `create` (or `busy`,
+   * as the plan says). `journal(id)` runs
    * before the host is touched for `id` (the spawn journal), and again for
    * each next try.
    */
@@ -221,12 +177,18 @@ export class WarmPool {
     log: Logger,
   ): Promise<{ handle: WorkloadHandle; pooled: boolean }> {
     let next = claim;
-    let tried = false;
+    let tried = 0;
     while (next) {
-      await journal(next.id);
+      try {
+        await journal(next.id);
+      } catch (err) {
+        // Taken but not begun: back to the pool, or it would stay claimed (and uncounted) for good.
+        next.release();
+        throw err;
+      }
       const vm = this.begin(next);
       if (vm?.handle) {
-        tried = true;
+        tried++;
         const started = Date.now();
         try {
           await this.handOff(vm.id, { hostname: vm.id, rootPassword: spec.rootPassword, sshKeys: spec.sshKeys });
@@ -241,9 +203,9 @@ export class WarmPool {
           await this.opts.driver.destroy(vm.id).catch((e: Error) => log.error({ workloadId: vm.id, err: e.message }, 'could not destroy a failed pool VM'));
         }
       }
-      next = this.take(this.opts.driverName, resources);
+      next = tried < MAX_HANDOFFS_PER_SPAWN ? this.take(this.opts.driverName, resources) : undefined;
     }
-    if (tried && resources.plan.whenPoolEmpty === 'busy') {
+    if (tried > 0 && resources.plan.whenPoolEmpty === 'busy') {
       throw new RequestError('busy', 'no instant VM of this plan could be handed over right now; retry in a few seconds');
     }
     await journal(spec.id);
@@ -251,19 +213,22 @@ export class WarmPool {
   }
 
   /**
-   * Give up one idle VM so a tenant's spawn gets its room (admission's
-   * `evictIdle`): it leaves the count at once and is destroyed in the
-   * background; its plan waits a backoff before booting another into room
-   * tenants are using. False when no VM is idle.
+   * Give up one pool VM nobody has taken (a booting one first: it serves
+   * no one yet) so a tenant's spawn gets its room (admission's `evictIdle`):
+   * it leaves the count at once and is destroyed in the background (a booting
+   * one once its create has returned, by `boot`). Not a failure, so no
+   * backoff: the tenant's reservation, then lease, holds the room, and the
+   * pool boots again only into room left over. False when there is none.
    */
   evictIdle(): boolean {
-    const vm = [...this.vms.values()].reverse().find((v) => v.state === 'idle');
+    const vms = [...this.vms.values()].reverse();
+    const vm = vms.find((v) => v.state === 'booting') ?? vms.find((v) => v.state === 'idle');
     if (!vm) return false;
     this.vms.delete(vm.id);
     this.counts.evicted++;
-    this.log.info({ workloadId: vm.id, plan: vm.planId }, 'pool VM given up to make room for a tenant');
-    this.noteFailure(vm.planId);
-    this.destroyLater(vm.id);
+    this.log.info({ workloadId: vm.id, plan: vm.planId, was: vm.state }, 'pool VM given up to make room for a tenant');
+    if (vm.state === 'booting') this.bootAborts.get(vm.id)?.abort();
+    else this.destroyLater(vm.id);
     return true;
   }
 
@@ -271,7 +236,7 @@ export class WarmPool {
   holdings(): Array<Holding & { diskGb: number }> {
     return [...this.vms.values()]
       .filter((vm) => vm.state !== 'claimed')
-      .map((vm) => ({ workloadId: vm.id, owner: POOL_OWNER, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb, evictable: vm.state === 'idle' }));
+      .map((vm) => ({ workloadId: vm.id, owner: POOL_OWNER, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb, evictable: true }));
   }
 
   stats(): WarmPoolStats {
@@ -362,6 +327,16 @@ export class WarmPool {
   }
 
   private async boot(vm: PoolVm & { handle?: WorkloadHandle }): Promise<void> {
+    const abort = new AbortController();
+    this.bootAborts.set(vm.id, abort);
+    try {
+      await this.bootWatched(vm, abort.signal);
+    } finally {
+      this.bootAborts.delete(vm.id);
+    }
+  }
+
+  private async bootWatched(vm: PoolVm & { handle?: WorkloadHandle }, evicted: AbortSignal): Promise<void> {
     const started = Date.now();
     const gone = (why: string, err?: unknown): void => {
       this.vms.delete(vm.id);
@@ -373,12 +348,15 @@ export class WarmPool {
       vm.handle = await this.warm.createIdle({ id: vm.id, vcpus: vm.vcpus, memoryMb: vm.memoryMb, diskGb: vm.diskGb });
     } catch (err) {
       // createIdle releases what it took on failure; destroy anyway in case it got as far as a process.
-      gone('could not be created', err);
+      if (!evicted.aborted) gone('could not be created', err);
       this.destroyLater(vm.id);
       return;
     }
+    // Given up for a tenant while being created: nobody else destroys it.
+    if (evicted.aborted) return this.destroyLater(vm.id);
     this.log.info({ workloadId: vm.id, plan: vm.planId, ms: Date.now() - started }, 'pool VM booting');
-    const result = await this.warm.waitIdle(vm.id, { timeoutMs: this.opts.idleTimeoutMs, signal: this.stopping.signal });
+    const result = await this.warm.waitIdle(vm.id, { timeoutMs: this.opts.idleTimeoutMs, signal: AbortSignal.any([this.stopping.signal, evicted]) });
+    if (evicted.aborted) return this.destroyLater(vm.id);
     // Shutting down (or a crash in tests): close() destroys it, or the next start's sweep does.
     if (this.closed) return;
     if (!result.ready) {

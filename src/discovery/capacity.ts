@@ -20,11 +20,13 @@ export interface HeldResources {
   vcpus: number;
   memoryMb: number;
   diskGb: number;
+  /** Held by a VM of the agent's own (the warm pool) that any spawn can have: free to a consumer, so not subtracted. */
+  evictable?: boolean;
 }
 
-/** Pure: host minus held, never below zero. CPU in millicores as upstream. */
+/** Pure: host minus what is held for good, never below zero. CPU in millicores as upstream. */
 export function freeCapacity(host: HostResources, held: readonly HeldResources[]): Capacity {
-  const sum = (f: (h: HeldResources) => number) => held.reduce((n, h) => n + f(h), 0);
+  const sum = (f: (h: HeldResources) => number) => held.reduce((n, h) => n + (h.evictable ? 0 : f(h)), 0);
   return {
     cpu_available: Math.max(0, host.cpuCount * 1000 - sum((h) => h.vcpus) * 1000),
     memory_mb_available: Math.max(0, host.memoryMb - sum((h) => h.memoryMb)),

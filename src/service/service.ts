@@ -254,7 +254,7 @@ export async function startService(initial: Config, logger: Logger): Promise<Run
           totalJobsCompleted: 0,
           whitelistedMints: offeredMints(cfg),
         }),
-        // Pool VMs hold their share too; only leases are active workloads.
+        // Pool VMs a spawn cannot have (none today) hold their share too; only leases are active workloads.
         held: () => [...leases.all(), ...(warmPool?.holdings() ?? [])],
         active: () => leases.all().length,
         vmRoot: cfg.drivers.kvm?.vmRoot ?? cfg.stateDir,

@@ -19,6 +19,12 @@ describe('discovery builders', () => {
     expect(freeCapacity(host, [{ vcpus: 3, memoryMb: 2000, diskGb: 40 }])).toEqual({ cpu_available: 0, memory_mb_available: 0, storage_gb_available: 0 });
   });
 
+  it('capacity any spawn can have (an idle or booting pool VM, evictable) stays free', () => {
+    const host = { cpuCount: 2, memoryMb: 1000, diskFreeGb: 10 };
+    const held = [{ vcpus: 1, memoryMb: 256, diskGb: 4 }, { vcpus: 1, memoryMb: 512, diskGb: 2, evictable: true }];
+    expect(freeCapacity(host, held)).toEqual({ cpu_available: 1000, memory_mb_available: 744, storage_gb_available: 6 });
+  });
+
   it('offer: empty location is null, strongest tier advertised', () => {
     const ev = offerEvent(facts, 100);
     expect(JSON.parse(ev.content)).toMatchObject({ location: null, isolation_level: 'dedicated-host', api_endpoint: null });

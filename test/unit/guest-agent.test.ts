@@ -1,4 +1,9 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { GuestAgentSession } from '../../src/drivers/kvm/guest-agent.js';
 import { parse } from 'yaml';
 import { buildQemuArgv, GUEST_AGENT_CHARDEV, GUEST_AGENT_PORT, removeGuestAgentChannel, type QemuArgs } from '../../src/drivers/kvm/argv.js';
 import { buildIdleCloudConfig, idleCloudConfigObject, SSHD_DROPIN_CONTENT, SSHD_DROPIN_PATH, SEED_YAML_OPTIONS } from '../../src/drivers/kvm/cloud-config.js';
@@ -226,5 +231,66 @@ describe('listensOnPort', () => {
     expect(listensOnPort([header, line('0200000A:0016', '01')].join('\n'), 22)).toBe(false);
     expect(listensOnPort(`${line('00000000:0016', '0A')}`, 22)).toBe(false);
     for (const junk of ['', '\n\n', `${header}\n0: :0016 x 0A`, `${header}\n0: zz:0016 x 0A`, `${header}\n\u0000`]) expect(listensOnPort(junk, 22)).toBe(false);
+  });
+});
+
+describe('GuestAgentSession.sync over a socket', () => {
+  /** A qemu-ga stand-in that sends `early` as soon as a client connects, then answers each delimited sync correctly. */
+  async function server(early: string): Promise<{ path: string; close: () => Promise<void>; sent: Promise<void> }> {
+    const dir = mkdtempSync(join(tmpdir(), 'paygress-qga-'));
+    const path = join(dir, 'qga.sock');
+    let sent!: () => void;
+    const sentP = new Promise<void>((r) => (sent = r));
+    const socks = new Set<Socket>();
+    const srv = createServer((sock) => {
+      socks.add(sock);
+      sock.on('error', () => undefined);
+      sock.write(early, () => sent());
+      let buf = '';
+      sock.on('data', (chunk: Buffer) => {
+        buf += chunk.toString('latin1');
+        for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+          const id = /"id":\s*(\d+)/.exec(buf.slice(0, nl))?.[1];
+          buf = buf.slice(nl + 1);
+          if (id) sock.write(Buffer.concat([Buffer.from([0xff]), Buffer.from(`{"return": ${id}}\n`)]));
+        }
+      });
+    });
+    await new Promise<void>((r) => srv.listen(path, r));
+    return {
+      path,
+      sent: sentP,
+      close: async () => {
+        for (const s of socks) s.destroy();
+        await new Promise<void>((r) => srv.close(() => r()));
+        rmSync(dir, { recursive: true, force: true });
+      },
+    };
+  }
+
+  it('drops lines that came before the sync (a late answer to an earlier command) instead of reading them as its answer', async () => {
+    const qga = await server('{"return": {}}\n{"return": 12345}\n');
+    try {
+      const session = await GuestAgentSession.open(qga.path, { connectTimeoutMs: 5_000 });
+      await qga.sent;
+      // Let the early bytes reach the session before the sync is sent.
+      await new Promise((r) => setTimeout(r, 100));
+      await expect(session.sync(5_000)).resolves.toBeUndefined();
+      session.close();
+    } finally {
+      await qga.close();
+    }
+  });
+
+  it('a flood of unasked lines ends the session as a lie', async () => {
+    const qga = await server('{"return": {}}\n'.repeat(200));
+    try {
+      const session = await GuestAgentSession.open(qga.path, { connectTimeoutMs: 5_000 });
+      await qga.sent;
+      await new Promise((r) => setTimeout(r, 100));
+      await expect(session.sync(5_000)).rejects.toMatchObject({ reason: 'lie' });
+    } finally {
+      await qga.close();
+    }
   });
 });

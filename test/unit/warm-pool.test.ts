@@ -12,7 +12,7 @@ import { PaymentFlow } from '../../src/agent/payment-flow.js';
 import { PaymentJournal } from '../../src/agent/payment-journal.js';
 import { silentLogger } from '../../src/util/logger.js';
 import { Gate } from '../support/gate.js';
-import { backoffMs, poolStep, type PoolVm } from '../../src/agent/warm-pool.js';
+import { backoffMs, poolStep, type PoolVm } from '../../src/agent/pool-plan.js';
 import type { Plan } from '../../src/agent/plans.js';
 import { BIG_PLAN, closeHarnesses, Harness, hex32, POOLED_PLAN, SMALL_PLAN, SPAWN, WAIT } from '../support/agent-harness.js';
 import { FakePayments, fakeToken } from '../support/fake-payments.js';
@@ -153,6 +153,57 @@ describe('the pool', () => {
     expect(h.driver.workloads.size).toBe(2);
   });
 
+  it('gives idle VMs up only once the spawn is paid, and an eviction is no failure: the pool refills without backing off', async () => {
+    const payments = new FakePayments();
+    const small: Plan = { ...SMALL_PLAN, rateMsatsPerSec: 1000 };
+    const h = await pooled({ limits: { maxVms: 2 }, plans: [POOLED_PLAN, small], payments, warmPool: { backoff: { baseMs: 600_000, maxMs: 600_000 } } });
+    await poolReady(h, 2);
+    // A worthless token: refused for its payment, and the pool keeps both VMs.
+    expect(await h.request(hex32(), { ...SPAWN, plan: 'small', cashu_token: 'cashuAnot-a-token' })).toMatchObject({ type: 'error' });
+    expect(h.pool!.stats()).toMatchObject({ ready: 2, evicted: 0 });
+    expect(h.driver.destroyCalls).toEqual([]);
+    // A paid one gets the room of one pool VM.
+    const owner = hex32();
+    const reply = await h.request(owner, { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    expect(reply).toMatchObject({ type: 'access_details' });
+    expect(h.pool!.stats()).toMatchObject({ ready: 1, evicted: 1 });
+    // Its room back, the pool boots again at once: no backoff for an eviction.
+    await h.request(owner, { type: 'stop', workload_id: (reply as { workload_id: string }).workload_id });
+    await poolReady(h, 2);
+  });
+
+  it('a paid spawn whose pool room was taken while it paid is refused and refunded', async () => {
+    const payments = new FakePayments();
+    const small: Plan = { ...SMALL_PLAN, rateMsatsPerSec: 1000 };
+    const h = await pooled({ limits: { maxVms: 2 }, plans: [{ ...POOLED_PLAN, warmPool: 1 }, small], payments });
+    await poolReady(h, 1);
+    await h.spawn(hex32(), { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    // The host is full: one tenant, one pool VM. Two paid spawns each need the pool VM's room.
+    payments.redeemGate = new Gate();
+    const a = h.deliver(hex32(), { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    const b = h.deliver(hex32(), { ...SPAWN, plan: 'small', cashu_token: fakeToken(600_000) });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(h.pool!.stats()).toMatchObject({ ready: 1, evicted: 0 });
+    payments.redeemGate.release();
+    const answers = await Promise.all([a, b].map(({ requestId }) => h.outbox.next((s) => s.route.replyTo === requestId, 'answer')));
+    const types = answers.map((x) => x.message.type).sort();
+    expect(types).toEqual(['access_details', 'error']);
+    const refused = answers.find((x) => x.message.type === 'error')!;
+    expect(refused.message).toMatchObject({ code: 'capacity_exhausted', paid_msats: 600_000, refund_msats: 600_000 });
+    expect(h.pool!.stats()).toMatchObject({ evicted: 1 });
+  });
+
+  it('gives up a booting VM too for a tenant who finds no room: its boot is cut short and the VM destroyed', async () => {
+    const h = await pooled({ limits: { maxVms: 1 }, plans: [{ ...POOLED_PLAN, warmPool: 1 }, SMALL_PLAN] }, 'manual');
+    await vi.waitFor(() => expect(h.pool!.stats().booting).toBe(1), WAIT);
+    const [booting] = h.pool!.ids();
+    const small = await h.spawn(hex32(), { ...SPAWN, plan: 'small' });
+    expect(h.driver.createCalls.map((c) => c.id)).toEqual([small.workload_id]);
+    expect(h.pool!.stats()).toMatchObject({ evicted: 1, bootFailed: 0 });
+    await vi.waitFor(() => expect(h.driver.destroyCalls).toContain(booting), WAIT);
+    expect([...h.driver.workloads.keys()]).toEqual([small.workload_id]);
+  });
+
   it('counts against committed memory: tenants first, the pool takes only what is left', async () => {
     const h = new Harness({ plans: [POOLED_PLAN, SMALL_PLAN], warmPool: {}, limits: { hostCapacity: { vcpus: 100, memoryMb: 1024 } } });
     h.driver.idleBoot = 'manual';
@@ -230,6 +281,17 @@ describe('a hand-off that fails', () => {
     expect(h.driver.workloads.size).toBe(1 + h.pool!.ids().length);
   });
 
+  it('on two pool VMs: the spawn boots cold, the others stay in the pool', async () => {
+    const h = await pooled({ plans: [{ ...POOLED_PLAN, warmPool: 3 }] });
+    await poolReady(h, 3);
+    h.driver.idleBoot = 'never';
+    h.driver.handOffOutcomes = ['fail', 'fail'];
+    const reply = await h.spawn(hex32(), POOLED_SPAWN);
+    expect(h.driver.handOffCalls).toHaveLength(2);
+    expect(h.driver.createCalls.map((c) => c.id)).toEqual([reply.workload_id]);
+    expect(h.pool!.stats().ready).toBe(1);
+  });
+
   it('on every pool VM of a plan that says busy: answered busy, and a paid spawn gets its money back', async () => {
     const payments = new FakePayments();
     const plan: Plan = { ...POOLED_PLAN, rateMsatsPerSec: 1000, whenPoolEmpty: 'busy' };
@@ -275,6 +337,24 @@ describe('a paid spawn served by the second pool VM', () => {
     expect(answer.message).toMatchObject({ type: 'access_details', workload_id: second, paid_msats: 600_000, refund_msats: 0 });
     expect(payments.refunded(requestId)).toBe(0);
     expect(after.leases.get(second!)).toBeDefined();
+  });
+});
+
+describe('a claim taken for a retry', () => {
+  it('goes back to the pool when the spawn journal cannot be written for it', async () => {
+    const h = await pooled();
+    await poolReady(h, 2);
+    h.driver.handOffOutcomes = ['fail'];
+    const resources = { plan: POOLED_PLAN, vcpus: POOLED_PLAN.vcpus, memoryMb: POOLED_PLAN.memoryMb, diskGb: POOLED_PLAN.diskGb };
+    const claim = h.pool!.take(h.driver.kind, resources);
+    let writes = 0;
+    const journal = async (): Promise<void> => {
+      if (++writes > 1) throw new Error('disk full');
+    };
+    const spec = { id: 'w-cold', hostname: 'w-cold', vcpus: 1, memoryMb: 512, diskGb: 2, rootPassword: SPAWN.root_password, sshKeys: [KEY] };
+    await expect(h.pool!.acquire(claim, h.driver, spec, resources, journal, silentLogger)).rejects.toThrow('disk full');
+    expect(h.pool!.stats()).toMatchObject({ claimed: 0 });
+    await poolReady(h, 2);
   });
 });
 

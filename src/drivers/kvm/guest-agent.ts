@@ -39,6 +39,8 @@ export class GuestAgentError extends Error {
 export const DEFAULT_MAX_ANSWER_BYTES = 64 * 1024;
 /** Stale delimited sync answers to skip (earlier syncs of ours that timed out) before calling it a lie. */
 const MAX_STALE_SYNCS = 8;
+/** Answers queued unread: more than any batch of ours asks for, so more is a guest talking unasked. */
+const MAX_QUEUED_FRAMES = 64;
 
 export interface SessionOptions {
   connectTimeoutMs: number;
@@ -60,6 +62,10 @@ export class GuestAgentSession {
     this.framer = new AnswerFramer(maxAnswerBytes);
     sock.on('data', (chunk: Buffer) => {
       this.frames.push(...this.framer.push(chunk));
+      if (this.frames.length > MAX_QUEUED_FRAMES) {
+        this.frames.length = 0;
+        this.end(new GuestAgentError('lie', 'the guest agent sent more answers than were asked for'));
+      }
       this.poke();
     });
     sock.on('error', (err: NodeJS.ErrnoException) => this.end(new GuestAgentError('closed', `guest agent socket: ${err.code ?? 'error'}`)));
@@ -103,7 +109,7 @@ export class GuestAgentSession {
     const id = randomInt(1, 2 ** 47);
     earlierIds.add(id);
     const deadline = Date.now() + timeoutMs;
-    this.framer.expectDelimited();
+    this.expectDelimited();
     this.write(syncRequest(id));
     for (let skipped = 0; ; ) {
       const answer = parseAnswer(this.lineOf(await this.next(deadline, 'guest-sync-delimited')));
@@ -112,8 +118,20 @@ export class GuestAgentSession {
       if (!stale || ++skipped > MAX_STALE_SYNCS) {
         throw new GuestAgentError('lie', `guest-sync-delimited: ${answer.kind === 'return' ? 'wrong id' : answer.kind === 'error' ? `error ${answer.errorClass}` : answer.why}`);
       }
-      this.framer.expectDelimited();
+      this.expectDelimited();
     }
+  }
+
+  /**
+   * Only what follows the next delimiter counts: lines already cut (bytes that
+   * came before this sync, e.g. late answers to a session's earlier commands)
+   * are dropped with the bytes the framer drops.
+   */
+  private expectDelimited(): void {
+    // The framer reads nothing more after an oversized frame: dropping it would turn the lie into a timeout.
+    if (this.frames.some((f) => f.kind === 'oversized')) this.end(new GuestAgentError('lie', 'the guest agent sent an oversized answer'));
+    this.frames.length = 0;
+    this.framer.expectDelimited();
   }
 
   /** Send one command; resolve with its `return` value. An error answer rejects as `refused`, anything malformed as `lie`. */

@@ -4,8 +4,8 @@
  * and the check that password login is open: the sshd drop-in the seed wrote
  * is in place and sshd listens on port 22 (read from the guest's
  * /proc/net/tcp; the host-side banner was seen when the VM became idle, and
- * probing it again would cost ~1 s under TCG, where sshd forks and
- * re-executes itself per connection). Afterwards the channel is taken out of
+ * probing it again is slow, since sshd forks and re-executes itself per
+ * connection: docs/guest-images.md). Afterwards the channel is taken out of
  * the VM for good (`removeGuestAgentPort`).
  *
  * Knows the guest agent and QMP, not the driver's bookkeeping: driver.ts
@@ -37,14 +37,14 @@ export interface TenantAccess {
   sshKeys: readonly string[];
 }
 
-/** Most a single guest-agent command may take; each takes tens of ms under TCG. */
+/** Most a single guest-agent command may take: far above what one takes (docs/guest-images.md), so only a hang hits it. */
 export const DEFAULT_COMMAND_TIMEOUT_MS = 5_000;
 
-/** Bytes of the drop-in read back; the real one is ~50. */
+/** Bytes of the drop-in read back: room for far more than the real one. */
 const DROPIN_READ_MAX = 4096;
-/** A VM's /etc/shadow holds a few dozen system accounts (~1 KiB in a stock image). */
+/** Room for a stock image's /etc/shadow (a few dozen system accounts) many times over. */
 const SHADOW_READ_MAX = 16 * 1024;
-/** /proc/net/tcp of an idle VM: a handful of sockets, ~150 bytes each. */
+/** Room for /proc/net/tcp of an idle VM (a handful of sockets) many times over. */
 const PROC_NET_READ_MAX = 16 * 1024;
 
 /** Per-step milliseconds of one hand-off, for logs and the bench. */
@@ -62,7 +62,7 @@ export function checkTenantAccess(tenant: Pick<TenantAccess, 'hostname' | 'sshKe
  *
  * Root's password goes into /etc/shadow through guest-file-* (read, edit,
  * write back): guest-set-user-password would have qemu-ga spawn `chpasswd
- * -e`, several times slower under TCG. Either way the guest only ever gets
+ * -e`, several times slower (docs/guest-images.md). Either way the guest only ever gets
  * the hash. Commands that need nothing from each other go in one batch (one
  * round trip each): sync; open everything; read/write/close; write shadow.
  */

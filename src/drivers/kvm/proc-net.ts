@@ -1,8 +1,8 @@
 /**
  * Pure reading of a guest's /proc/net/tcp (or tcp6): is anything
  * listening on a TCP port? The hand-off's proof that sshd's listener is up at
- * that moment, read through the guest agent (the host-side banner takes
- * ~1 s under TCG: sshd forks and re-executes itself per connection).
+ * that moment, read through the guest agent (a host-side banner probe is
+ * slow: sshd forks and re-executes itself per connection; docs/guest-images.md).
  * Total: malformed lines are skipped, never a throw.
  */
 

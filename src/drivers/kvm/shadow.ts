@@ -2,7 +2,8 @@
  * Pure edit of a guest's /etc/shadow: root's password field replaced by a
  * SHA-512 crypt hash, the rest of the file kept byte for byte. The hand-off
  * writes the file through the guest agent instead of having qemu-ga spawn
- * `chpasswd -e` (guest-set-user-password), which costs ~0.5-0.8 s under TCG.
+ * `chpasswd -e` (guest-set-user-password), several times slower
+ * (docs/guest-images.md).
  *
  * Total: anything but a file of shadow(5) lines with exactly one `root`
  * entry gives `undefined`; the text comes from the guest.
