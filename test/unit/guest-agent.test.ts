@@ -236,7 +236,8 @@ describe('listensOnPort', () => {
 
 describe('GuestAgentSession.sync over a socket', () => {
   /** A qemu-ga stand-in that sends `early` as soon as a client connects, then answers each delimited sync correctly. */
-  async function server(early: string): Promise<{ path: string; close: () => Promise<void>; sent: Promise<void> }> {
+  const delimited = (id: string | number) => Buffer.concat([Buffer.from([0xff]), Buffer.from(`{"return": ${id}}\n`)]);
+  async function server(early: string, answer: (id: string) => Buffer = delimited): Promise<{ path: string; close: () => Promise<void>; sent: Promise<void> }> {
     const dir = mkdtempSync(join(tmpdir(), 'paygress-qga-'));
     const path = join(dir, 'qga.sock');
     let sent!: () => void;
@@ -252,7 +253,7 @@ describe('GuestAgentSession.sync over a socket', () => {
         for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
           const id = /"id":\s*(\d+)/.exec(buf.slice(0, nl))?.[1];
           buf = buf.slice(nl + 1);
-          if (id) sock.write(Buffer.concat([Buffer.from([0xff]), Buffer.from(`{"return": ${id}}\n`)]));
+          if (id) sock.write(answer(id));
         }
       });
     });
@@ -276,6 +277,17 @@ describe('GuestAgentSession.sync over a socket', () => {
       // Let the early bytes reach the session before the sync is sent.
       await new Promise((r) => setTimeout(r, 100));
       await expect(session.sync(5_000)).resolves.toBeUndefined();
+      session.close();
+    } finally {
+      await qga.close();
+    }
+  });
+
+  it('skips a late answer to an earlier sync of ours that arrives in the same chunk as the real one', async () => {
+    const qga = await server('', (id) => Buffer.concat([delimited(777), delimited(id)]));
+    try {
+      const session = await GuestAgentSession.open(qga.path, { connectTimeoutMs: 5_000 });
+      await expect(session.sync(2_000, new Set([777]))).resolves.toBeUndefined();
       session.close();
     } finally {
       await qga.close();

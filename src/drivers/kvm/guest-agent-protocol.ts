@@ -137,7 +137,10 @@ export class AnswerFramer {
         return out;
       }
       if (nl > this.maxBytes) return this.fail(out);
-      const line = this.held.subarray(0, nl).toString('utf8').trim();
+      // A delimited answer's own 0xFF can lead a line cut outside delimited mode; it is never part of UTF-8 JSON.
+      let start = 0;
+      while (start < nl && this.held[start] === QGA_DELIMITER) start++;
+      const line = this.held.subarray(start, nl).toString('utf8').trim();
       this.held = this.held.subarray(nl + 1);
       if (line) out.push({ kind: 'line', text: line });
     }

@@ -118,7 +118,8 @@ export class GuestAgentSession {
       if (!stale || ++skipped > MAX_STALE_SYNCS) {
         throw new GuestAgentError('lie', `guest-sync-delimited: ${answer.kind === 'return' ? 'wrong id' : answer.kind === 'error' ? `error ${answer.errorClass}` : answer.why}`);
       }
-      this.expectDelimited();
+      // A line already cut after the stale answer may be ours (both came in one chunk): read it before waiting for another delimiter.
+      if (this.frames.length === 0) this.framer.expectDelimited();
     }
   }
 
