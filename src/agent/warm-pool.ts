@@ -355,7 +355,15 @@ export class WarmPool {
     // Given up for a tenant while being created: nobody else destroys it.
     if (evicted.aborted) return this.destroyLater(vm.id);
     this.log.info({ workloadId: vm.id, plan: vm.planId, ms: Date.now() - started }, 'pool VM booting');
-    const result = await this.warm.waitIdle(vm.id, { timeoutMs: this.opts.idleTimeoutMs, signal: AbortSignal.any([this.stopping.signal, evicted]) });
+    let result: Awaited<ReturnType<WarmPoolSupport['waitIdle']>>;
+    try {
+      result = await this.warm.waitIdle(vm.id, { timeoutMs: this.opts.idleTimeoutMs, signal: AbortSignal.any([this.stopping.signal, evicted]) });
+    } catch (err) {
+      // A wait that throws (an unreadable vm.json, say) is a boot that failed, never a rejection nobody handles.
+      if (!evicted.aborted && !this.closed) gone('could not be watched', err);
+      if (!this.closed) this.destroyLater(vm.id);
+      return;
+    }
     if (evicted.aborted) return this.destroyLater(vm.id);
     // Shutting down (or a crash in tests): close() destroys it, or the next start's sweep does.
     if (this.closed) return;

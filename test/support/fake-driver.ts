@@ -59,6 +59,8 @@ export class FakeDriver implements ComputeDriver {
   closed = false;
   /** How pool VMs boot (`warm.waitIdle`), like `boot` for tenants' VMs. */
   idleBoot: BootMode = 'ready';
+  /** Errors the next `warm.waitIdle` calls throw, in order (an unreadable vm.json, say). */
+  waitIdleErrors: Error[] = [];
   /** Outcomes of the next hand-offs, in order; `ok` once empty. */
   handOffOutcomes: HandOffOutcome[] = [];
   /** Every `warm.createIdle` spec, in order. */
@@ -69,7 +71,11 @@ export class FakeDriver implements ComputeDriver {
   secondHandOffs = 0;
   readonly warm: WarmPoolSupport = {
     createIdle: (spec) => this.createIdle(spec),
-    waitIdle: (id, opts) => this.waitFor(id, opts, () => this.idleBoot === 'ready'),
+    waitIdle: async (id, opts) => {
+      const err = this.waitIdleErrors.shift();
+      if (err) throw err;
+      return this.waitFor(id, opts, () => this.idleBoot === 'ready');
+    },
     handOff: (id, tenant, opts) => this.handOff(id, tenant, opts),
   };
 

@@ -109,6 +109,18 @@ describe('the pool', () => {
     expect(h.pool!.stats().ready).toBe(2);
   });
 
+  it('a boot whose readiness wait throws is destroyed and replaced, and the agent keeps running', async () => {
+    const h = await pooled({ plans: [{ ...POOLED_PLAN, warmPool: 1 }] });
+    await poolReady(h, 1);
+    h.driver.waitIdleErrors.push(new Error('vm.json unreadable'));
+    await h.spawn(hex32(), POOLED_SPAWN);
+    await vi.waitFor(() => expect(h.pool!.stats()).toMatchObject({ bootFailed: 1 }), WAIT);
+    const broken = h.driver.createIdleCalls[1]!.id;
+    await vi.waitFor(() => expect(h.driver.destroyCalls).toContain(broken), WAIT);
+    await poolReady(h, 1);
+    expect(h.driver.createIdleCalls).toHaveLength(3);
+  });
+
   it('gives each VM to one spawn only, also when spawns arrive together', async () => {
     const h = await pooled({ plans: [{ ...POOLED_PLAN, warmPool: 1 }] });
     await poolReady(h, 1);
