@@ -71,6 +71,9 @@ describe('reconciliation', () => {
     h.driver.plant('w-0000000000aa', { alive: true });
     h.driver.plant('w-0000000000bb', { alive: false });
     await down.start();
+    expect(down.workloads.phase(ready.workload_id)).toBe('ready');
+    expect(down.workloads.phase(booting.workload_id)).toBe('booting');
+    expect(down.workloads.phase(dies.workload_id)).toBeUndefined();
 
     expect([...down.driver.workloads.keys()].sort()).toEqual([ready.workload_id, booting.workload_id].sort());
     expect(down.leases.all().map((l) => l.workloadId).sort()).toEqual([ready.workload_id, booting.workload_id].sort());

@@ -1,8 +1,8 @@
 /**
  * `Workloads`, the one owner of a workload's life, seen through its phases
  * (docs/lifecycle.md): each step of a spawn and a stop, where a failed boot
- * and a failed teardown leave a workload, when the spawn journal ends, and
- * the phases a restart decides.
+ * and a failed teardown leave a workload, and when the spawn journal ends
+ * (the phases a restart decides are checked in agent-restart.test.ts).
  */
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { DriverError } from '../../src/drivers/types.js';
@@ -125,24 +125,5 @@ describe('the spawn journal', () => {
     await spawn.done;
     expect(h.outbox.about(spawn.requestId)[0]?.message).toMatchObject({ type: 'error', code: 'capacity_exhausted' });
     expect(h.inflight.leftovers()).toEqual([]);
-  });
-});
-
-describe('restart decisions', () => {
-  it('re-adopts a ready workload as ready and a booting one as booting; a dead one has no phase', async () => {
-    const h = await new Harness().start();
-    const owner = hex32();
-    const ready = await h.spawn(owner);
-    await vi.waitFor(() => expect(h.leases.get(ready.workload_id)?.readyAt).toBeDefined(), WAIT);
-    h.driver.boot = 'manual';
-    const booting = await h.spawn(owner);
-    const dies = await h.spawn(owner);
-
-    const after = h.restart();
-    h.driver.kill(dies.workload_id);
-    await after.start();
-    expect(after.workloads.phase(ready.workload_id)).toBe('ready');
-    expect(after.workloads.phase(booting.workload_id)).toBe('booting');
-    expect(after.workloads.phase(dies.workload_id)).toBeUndefined();
   });
 });
