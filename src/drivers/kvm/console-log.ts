@@ -6,6 +6,7 @@
  * ring (a file chardev) has no ring to read: its serial.log is read as it is.
  */
 import { appendFile, readFile, writeFile } from 'node:fs/promises';
+import { KeyedTurns } from '../../util/keyed-turns.js';
 import type { Logger } from '../../util/logger.js';
 import { readConsoleRing } from './argv.js';
 import { runQmp } from './qmp.js';
@@ -17,7 +18,7 @@ export class ConsoleLogs {
   /** Console text kept per workload being watched (the file's content, or newer when the disk was full). */
   private readonly kept = new Map<string, { text: Buffer; dirty: boolean }>();
   /** Reads per workload run one after another: each appends what the previous left. */
-  private readonly reads = new Map<string, Promise<string>>();
+  private readonly reads = new KeyedTurns();
 
   constructor(
     private readonly capBytes: number,
@@ -26,13 +27,7 @@ export class ConsoleLogs {
 
   /** Drain the ring of the workload in `dir` into its serial.log and return the kept text. */
   read(id: string, dir: string): Promise<string> {
-    const prev = this.reads.get(id) ?? Promise.resolve('');
-    const next = prev.catch(() => '').then(() => this.drain(id, dir));
-    this.reads.set(id, next);
-    void next.finally(() => {
-      if (this.reads.get(id) === next) this.reads.delete(id);
-    });
-    return next;
+    return this.reads.run(id, () => this.drain(id, dir));
   }
 
   /** Nobody watches this console any more: qemu's ring bounds it from here on. */

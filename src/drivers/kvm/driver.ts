@@ -130,7 +130,7 @@ export class KvmDriver implements ComputeDriver {
       exclusive: (id, fn) => this.withLock(id, fn),
       workloadDir: (id) => this.workloadDir(id),
       readMeta: (id) => this.readMeta(id),
-      isRunning: async (id) => (await this.inspect(id)).state === 'running',
+      isRunning: async (id) => (await this.runningPid(id)) !== undefined,
       readConsole: (id) => this.readConsole(id),
       hasher: this.hasher,
       logger: this.logger,

@@ -17,7 +17,7 @@ import { writeVmMeta, type VmMeta } from './vm-meta.js';
 import { ping, isEmptyReturn } from './guest-agent-protocol.js';
 import { GuestAgentError, GuestAgentSession } from './guest-agent.js';
 import { checkTenantAccess, configureTenant, removeGuestAgentPort, type HandOffTimings } from './handoff.js';
-import { consoleTail } from './readiness.js';
+import { notReady } from './readiness.js';
 
 /** What the pool needs from the driver; the driver passes closures over its own internals. */
 export interface WarmPoolHost {
@@ -58,12 +58,7 @@ export class KvmWarmPool implements WarmPoolSupport {
     if (meta?.warm !== 'idle') throw new DriverError('internal', `${id} is not an idle pool VM`);
     const booted = await host.waitReady(id, opts);
     if (!booted.ready) return booted;
-    const failed = async (reason: 'died' | 'timeout'): Promise<ReadyResult> => ({
-      ready: false,
-      reason,
-      ms: Date.now() - t0,
-      consoleTail: consoleTail(await host.readConsole(id)),
-    });
+    const failed = (reason: 'died' | 'timeout'): Promise<ReadyResult> => notReady(reason, t0, () => host.readConsole(id));
     const socket = vmFile(host.workloadDir(id), 'qgaSocket');
     for (;;) {
       if (!(await host.isRunning(id))) return failed('died');
