@@ -340,11 +340,11 @@ export class SpawnAdmission {
   }
 
   /**
-   * Whether the spawn is refused now only for room that idle VMs of the
-   * agent's own (the warm pool) hold: giving them all up would admit it.
+   * Whether `refusal` (what `reserve` just threw) is only for room that VMs of
+   * the agent's own (the warm pool) hold: giving them all up would admit the spawn.
    */
-  admitsAfterEviction(sender: string, want: Want): boolean {
-    return this.evictionAdmits(sender, want, this.judge(sender, want, [...this.live()]));
+  admitsAfterEviction(sender: string, want: Want, refusal: unknown): boolean {
+    return this.evictionAdmits(sender, want, refusal instanceof RequestError ? refusal : null);
   }
 
   private evictionAdmits(sender: string, want: Want, refusal: RequestError | null): boolean {

@@ -86,7 +86,7 @@ export class RequestHandlers {
       try {
         reservation = this.opts.admission?.reserve(msg.sender, resources);
       } catch (err) {
-        if (!this.opts.admission?.admitsAfterEviction(msg.sender, resources)) throw err;
+        if (!this.opts.admission?.admitsAfterEviction(msg.sender, resources, err)) throw err;
         evictOncePaid = true;
       }
       if (!claim) this.opts.warmPool?.refuseWhenEmpty(tier.driver, resources);

@@ -29,6 +29,7 @@ import { randomBytes } from 'node:crypto';
 import type { ComputeDriver, TenantSpec, WarmPoolSupport, WorkloadHandle, WorkloadSpec } from '../drivers/types.js';
 import { DriverError } from '../drivers/types.js';
 import { RequestError } from '../protocol/errors.js';
+import { Jobs } from '../util/jobs.js';
 import type { Logger } from '../util/logger.js';
 import type { Holding, SpawnAdmission } from './admission.js';
 import type { Plan, Resources } from './plans.js';
@@ -95,7 +96,8 @@ export class WarmPool {
   private readonly claims = new WeakMap<PoolClaim, ClaimState>();
   private readonly failures = new Map<string, number>();
   private readonly blockedUntil = new Map<string, number>();
-  private readonly destroying = new Set<Promise<void>>();
+  /** Destroys under way in the background; close waits for them. */
+  private readonly destroying = new Jobs(() => undefined);
   private readonly counts = { handedOff: 0, handOffFailed: 0, bootFailed: 0, evicted: 0 };
   private readonly warm: WarmPoolSupport;
   private readonly log: Logger;
@@ -200,7 +202,7 @@ export class WarmPool {
           this.counts.handOffFailed++;
           log.warn({ workloadId: vm.id, ms: Date.now() - started, err: (err as Error).message }, 'hand-off failed; the VM is destroyed');
           this.noteFailure(vm.planId);
-          await this.opts.driver.destroy(vm.id).catch((e: Error) => log.error({ workloadId: vm.id, err: e.message }, 'could not destroy a failed pool VM'));
+          await this.destroy(vm.id, log);
         }
       }
       next = tried < MAX_HANDOFFS_PER_SPAWN ? this.take(this.opts.driverName, resources) : undefined;
@@ -262,7 +264,8 @@ export class WarmPool {
     await this.booting;
     const ids = [...this.vms.keys()];
     this.vms.clear();
-    await Promise.all([...ids.map((id) => this.destroy(id)), ...this.destroying]);
+    await Promise.all(ids.map((id) => this.destroy(id, this.log)));
+    await this.destroying.settled();
     if (ids.length) this.log.info({ destroyed: ids.length }, 'pool VMs destroyed at shutdown');
   }
 
@@ -419,12 +422,12 @@ export class WarmPool {
     this.log.debug({ plan: planId, failures: n, waitMs: wait }, 'pool backs off');
   }
 
-  private destroy(id: string): Promise<void> {
-    return this.opts.driver.destroy(id).catch((err: Error) => this.log.error({ workloadId: id, err: err.message }, 'could not destroy a pool VM'));
+  /** Never rejects: a failure is logged (on the spawn's logger when a spawn tried the VM). */
+  private destroy(id: string, log: Logger = this.log): Promise<void> {
+    return this.opts.driver.destroy(id).catch((err: Error) => log.error({ workloadId: id, err: err.message }, 'could not destroy a pool VM'));
   }
 
   private destroyLater(id: string): void {
-    const job = this.destroy(id).finally(() => this.destroying.delete(job));
-    this.destroying.add(job);
+    void this.destroying.track(this.destroy(id));
   }
 }
