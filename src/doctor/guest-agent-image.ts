@@ -16,7 +16,7 @@ import { filesystemOffsets, PARTITION_TABLE_BYTES } from './partition-table.js';
 import type { CheckResult } from './report.js';
 
 /** Where distributions install qemu-ga (Debian/Ubuntu, Fedora/RHEL). */
-export const QEMU_GA_PATHS = ['/usr/sbin/qemu-ga', '/usr/bin/qemu-ga'] as const;
+const QEMU_GA_PATHS = ['/usr/sbin/qemu-ga', '/usr/bin/qemu-ga'] as const;
 
 const NAME = 'guest agent in image';
 const FIX_INSTALL = 'install qemu-guest-agent into the image (docs/guest-images.md), or set the plans\' warmPool to 0';

@@ -15,7 +15,7 @@
  * and the id proves the answer after it is to this command.
  */
 /** The byte that resets the agent's parser and that precedes a delimited sync answer. */
-export const QGA_DELIMITER = 0xff;
+const QGA_DELIMITER = 0xff;
 
 export interface QgaCommand {
   execute: string;

@@ -36,7 +36,7 @@ export class GuestAgentError extends Error {
 }
 
 /** An answer line is small (the biggest the driver asks for is a few hundred bytes of a file, base64'd). */
-export const DEFAULT_MAX_ANSWER_BYTES = 64 * 1024;
+const DEFAULT_MAX_ANSWER_BYTES = 64 * 1024;
 /** Stale delimited sync answers to skip (earlier syncs of ours that timed out) before calling it a lie. */
 const MAX_STALE_SYNCS = 8;
 /** Answers queued unread: more than any batch of ours asks for, so more is a guest talking unasked. */

@@ -38,7 +38,7 @@ export interface TenantAccess {
 }
 
 /** Most a single guest-agent command may take: far above what one takes (docs/guest-images.md), so only a hang hits it. */
-export const DEFAULT_COMMAND_TIMEOUT_MS = 5_000;
+const DEFAULT_COMMAND_TIMEOUT_MS = 5_000;
 
 /** Bytes of the drop-in read back: room for far more than the real one. */
 const DROPIN_READ_MAX = 4096;

@@ -21,7 +21,7 @@ export interface VmMeta {
 }
 
 /** A warm-pool VM's state in vm.json: absent on cold VMs. */
-export type WarmState = 'idle' | 'handed-off';
+type WarmState = 'idle' | 'handed-off';
 
 /** Written whole or not at all (a rename): a hand-off rewrites it on a running VM. */
 export async function writeVmMeta(dir: string, meta: VmMeta): Promise<void> {
