@@ -12,6 +12,7 @@ import { readFileSync } from 'node:fs';
 import type { ConsumerClient, ReplyMessage } from '../src/client/consumer.js';
 import { findPids } from '../src/drivers/kvm/process.js';
 import type { AgentProcess } from '../test/support/agent-process.js';
+import { procStatusKb } from './machine.js';
 import type { WarmResults } from './results.js';
 import { password, stopOnce } from './spawn.js';
 import { p50, p95, r1, r2 } from './stats.js';
@@ -92,10 +93,6 @@ function cpuTicks(pid: number): number {
   return Number(f[11]) + Number(f[12]);
 }
 
-function rssKb(pid: number): number {
-  return Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
-}
-
 /** CPU (percent of one core) and RSS of each idle pool VM over a window, as p50 over the VMs. */
 async function idleCost(agent: AgentProcess): Promise<{ cpuPct: number; rssMb: number }> {
   const pids = await agentQemus(agent);
@@ -103,7 +100,7 @@ async function idleCost(agent: AgentProcess): Promise<{ cpuPct: number; rssMb: n
   const before = pids.map(cpuTicks);
   await sleep(IDLE_COST_WINDOW_MS);
   const cpu = pids.map((pid, i) => ((cpuTicks(pid) - before[i]!) / ticksPerSecond / (IDLE_COST_WINDOW_MS / 1000)) * 100);
-  return { cpuPct: r1(p50(cpu)), rssMb: r1(p50(pids.map(rssKb)) / 1024) };
+  return { cpuPct: r1(p50(cpu)), rssMb: r1(p50(pids.map((pid) => procStatusKb(pid, 'VmRSS'))) / 1024) };
 }
 
 export async function measureWarm(agent: AgentProcess, client: ConsumerClient, samples: number, say: (s: string) => void): Promise<WarmResults> {
