@@ -8,7 +8,7 @@
  * report, kept in one file so the order of the rows reads top to bottom.
  */
 import { constants } from 'node:fs';
-import { access, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
+import { access, mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { execa } from 'execa';
@@ -18,8 +18,7 @@ import { BaseImageError, ensureBaseImage, humanBytes } from '../drivers/kvm/base
 import { kvmUsable } from '../drivers/kvm/accel.js';
 import { probeGuest } from '../drivers/kvm/kvm-probe.js';
 import { canBind } from '../drivers/kvm/ports.js';
-import { readVmMeta } from '../drivers/kvm/vm-meta.js';
-import { isWorkloadId, workloadDir } from '../drivers/kvm/workload-files.js';
+import { isWorkloadId, vmFile, workloadDir } from '../drivers/kvm/workload-files.js';
 import { npubOf, pubkeyOf, readKeyFile } from '../nostr/keys.js';
 import { freeBytesUnder } from '../util/free-space.js';
 import { silentLogger } from '../util/logger.js';
@@ -285,9 +284,14 @@ async function ownPorts(vmRoot: string): Promise<Set<number>> {
   for (const id of entries) {
     // The driver's own folders only (it ignores anything else under vmRoot).
     if (!isWorkloadId(id)) continue;
-    // A missing or half-written vm.json is the driver's business.
-    const meta = await readVmMeta(workloadDir(vmRoot, id));
-    if (meta) ports.add(meta.sshPort);
+    const meta = await readFile(vmFile(workloadDir(vmRoot, id), 'meta'), 'utf8').catch(() => undefined);
+    if (!meta) continue;
+    try {
+      const p = (JSON.parse(meta) as { sshPort?: unknown }).sshPort;
+      if (typeof p === 'number') ports.add(p);
+    } catch {
+      /* a half-written vm.json is the driver's business */
+    }
   }
   return ports;
 }
